@@ -1,0 +1,1 @@
+"""Hydra experiment runner for ABC-Net binary CNNs (Lin, Zhao & Pan, arXiv 1711.11294)."""

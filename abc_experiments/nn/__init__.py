@@ -1,0 +1,26 @@
+"""ABC-Net in plain PyTorch: binary weight and activation bases, ABC layers, conversion,
+calibration and a layer summary (Lin, Zhao & Pan, "Towards Accurate Binary Convolutional Neural
+Network", NIPS 2017, arXiv 1711.11294). No Hydra here: the runner composes these pieces."""
+
+from .activations import ActivationBinarizer, fit_activation_bases, heaviside_bases
+from .calibrate import calibrate, recalibrate_batchnorm
+from .convert import ConversionReport, abc_layers, convert
+from .layers import ABCConv2d, ABCLayer, ABCLinear
+from .summary import LayerSummary, ModelSummary, summary
+from .weights import (
+    WeightBinarizer,
+    combine,
+    fit_alphas,
+    fit_alphas_adam,
+    residual_bases,
+    sign,
+    weight_bases,
+    weight_shifts,
+)
+
+__all__ = [
+    "ABCConv2d", "ABCLayer", "ABCLinear", "ActivationBinarizer", "ConversionReport", "LayerSummary",
+    "ModelSummary", "WeightBinarizer", "abc_layers", "calibrate", "combine", "convert",
+    "fit_activation_bases", "fit_alphas", "fit_alphas_adam", "heaviside_bases", "recalibrate_batchnorm",
+    "residual_bases", "sign", "summary", "weight_bases", "weight_shifts",
+]

@@ -1,0 +1,171 @@
+"""ABC convolution and fully connected layers (ABC-Net, Lin, Zhao & Pan, NIPS 2017, arXiv 1711.11294).
+
+The ABC layer computes (paper eq. 9)::
+
+    Conv(W, R) ≈ Σₘ Σₙ αₘ βₙ Conv(Bₘ, Aₙ)
+
+Convolution is bilinear, so the double sum equals ONE convolution of (Σₙ βₙAₙ) with (Σₘ αₘBₘ);
+``impl="fused"`` (the default) computes exactly that, like timm's ``StdConv2d``: transform the
+weight (and here the input) in ``forward`` and call the ordinary conv. ``impl="naive"`` performs the
+M·N separate binary convolutions and sums them, as a hardware implementation would; it is kept as
+the reference the fused path is tested against. The bias is added once, outside the binary sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import ActivationBinarizer
+from .weights import WeightBinarizer, check_count, combine, relative_error
+
+IMPLS = ("fused", "naive")
+
+
+class ABCLayer(nn.Module):
+    """Behaviour shared by :class:`ABCConv2d` and :class:`ABCLinear` (a mixin over the torch layer).
+
+    Attributes: ``weight_binarizer`` (M bases and alphas), ``activation_binarizer`` (N bases with
+    shifts and betas, or ``nn.Identity`` when N = 0: full-precision activations, the paper's
+    weight-only setting).
+    """
+
+    def _setup_abc(self, M, N, scope, impl, bases, learn_u, alpha_fit, kernel):
+        if N is None:
+            N = 0
+        check_count("M", M, 1)
+        check_count("N", N, 0)
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}: choose one of {', '.join(IMPLS)}")
+        self.M, self.N, self.impl = M, N, impl
+        self.weight_binarizer = WeightBinarizer(
+            M, scope, bases=bases, learn_u=learn_u, alpha_fit=alpha_fit, out_channels=self.weight.shape[0]
+        ).to(self.weight.device)
+        self.activation_binarizer = (
+            ActivationBinarizer(N, kernel=kernel).to(self.weight.device) if N > 0 else nn.Identity()
+        )
+        self.weight_binarizer.refit(self.weight.detach())
+
+    def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's own operation (conv or matmul)."""
+        raise NotImplementedError
+
+    def _channel_view(self, alphas: Tensor) -> Tensor:
+        """Per-output-channel alphas (C_out,) shaped to scale the layer output."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "naive":
+            return self._naive_forward(x)
+        return self._linear_op(self.activation_binarizer(x), self.weight_binarizer(self.weight), self.bias)
+
+    def _naive_forward(self, x: Tensor) -> Tensor:
+        """Σₘ Σₙ αₘ βₙ op(Bₘ, Aₙ) + bias, with M·N separate binary operations."""
+        weight_bases, alphas = self.weight_binarizer.bases_with_grad(self.weight)
+        if self.N > 0:
+            act_bases, betas = self.activation_binarizer.bases_with_grad(x)
+        else:
+            act_bases, betas = x.unsqueeze(0), torch.ones(1, device=x.device, dtype=x.dtype)
+        out = 0
+        for m in range(self.M):
+            alpha = alphas[m] if alphas.dim() == 1 else self._channel_view(alphas[m])
+            for n in range(act_bases.shape[0]):
+                out = out + alpha * betas[n] * self._linear_op(act_bases[n], weight_bases[m])
+        return out if self.bias is None else out + self._channel_view(self.bias)
+
+    def train(self, mode: bool = True):
+        """Switching to eval refits the alphas to the current weight and freezes them."""
+        if not mode and self.training:
+            self.weight_binarizer.refit(self.weight.detach())
+        return super().train(mode)
+
+    @torch.no_grad()
+    def approximated_weight(self) -> Tensor:
+        """Σₘ αₘBₘ with the stored alphas."""
+        return combine(self.weight_binarizer.alphas, self.weight_binarizer.compute_bases(self.weight))
+
+    def weight_error(self) -> float:
+        """Relative weight approximation error ‖W − Σ αB‖ / ‖W‖."""
+        return relative_error(self.weight.detach(), self.approximated_weight())
+
+    def activation_error(self) -> float | None:
+        """‖R − ΣβA‖ / ‖R‖ from the last calibration; None if uncalibrated or N = 0."""
+        if self.N == 0:
+            return None
+        error = self.activation_binarizer.calibration_error.item()
+        return None if error != error else error
+
+
+def _abc_repr(layer: ABCLayer, base: str) -> str:
+    return f"{base}, M={layer.M}, N={layer.N}, impl={layer.impl}"
+
+
+class ABCConv2d(ABCLayer, nn.Conv2d):
+    """A ``Conv2d`` whose weight is Σₘ αₘBₘ and whose input is Σₙ βₙAₙ (ABC-Net, arXiv 1711.11294).
+
+    Supports everything ``nn.Conv2d`` does (stride, padding and padding modes, dilation, groups,
+    bias). Build one from a trained conv with :meth:`from_conv`.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", *, M=3, N=3, scope="per_layer", impl="fused",
+                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="eager", device=None, dtype=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           bias, padding_mode, device=device, dtype=dtype)
+        self._setup_abc(M, N, scope, impl, bases, learn_u, alpha_fit, kernel)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, M: int, N: int, scope: str = "per_layer", impl: str = "fused",
+                  **options) -> "ABCConv2d":
+        """An ABC layer with ``conv``'s hyper-parameters and a copy of its trained weight and bias."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                    M=M, N=N, scope=scope, impl=impl, device=conv.weight.device, dtype=conv.weight.dtype,
+                    **options)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.weight_binarizer.refit(layer.weight.detach())
+        return layer.train(conv.training)
+
+    def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self._conv_forward(x, weight, bias)
+
+    def _channel_view(self, values: Tensor) -> Tensor:
+        return values.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return _abc_repr(self, nn.Conv2d.extra_repr(self))
+
+
+class ABCLinear(ABCLayer, nn.Linear):
+    """A ``Linear`` layer with ABC weights Σₘ αₘBₘ and ABC inputs Σₙ βₙAₙ."""
+
+    def __init__(self, in_features, out_features, bias=True, *, M=3, N=3, scope="per_layer", impl="fused",
+                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="eager", device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_abc(M, N, scope, impl, bases, learn_u, alpha_fit, kernel)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, M: int, N: int, scope: str = "per_layer", impl: str = "fused",
+                    **options) -> "ABCLinear":
+        """An ABC layer with a copy of ``linear``'s trained weight and bias."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, M=M, N=N, scope=scope,
+                    impl=impl, device=linear.weight.device, dtype=linear.weight.dtype, **options)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.weight_binarizer.refit(layer.weight.detach())
+        return layer.train(linear.training)
+
+    def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _channel_view(self, values: Tensor) -> Tensor:
+        return values
+
+    def extra_repr(self) -> str:
+        return _abc_repr(self, nn.Linear.extra_repr(self))

@@ -1,0 +1,274 @@
+"""Binary weight bases and their scaling factors (ABC-Net, Lin, Zhao & Pan, NIPS 2017, arXiv 1711.11294).
+
+ABC-Net approximates a real-valued weight tensor W by a linear combination of M binary tensors::
+
+    W ≈ Σₘ αₘ Bₘ,    Bₘ = sign(W − mean(W) + uₘ · std(W)),    uₘ = −1 + 2(m − 1)/(M − 1)
+
+(Section 3.1, eq. 2–4), with u = 0 when M = 1, sign(0) = +1 so that every entry is exactly ±1, and
+α the least-squares solution of  min_α ‖W − Σₘ αₘBₘ‖²  (eq. 3), computed in closed form.
+
+Two scopes:
+
+* ``per_layer`` (the paper): one mean, one std and one α-vector of length M for the whole tensor;
+* ``per_channel`` (an extension): statistics and α per output channel (dim 0), α of shape (M, C_out).
+
+Two basis schemes:
+
+* ``shifted`` (the paper): the fixed grid of shifts uₘ above (optionally learned, ``learn_u``);
+* ``residual`` (for comparison): B₁ = sign(W − mean(W)) and Bₖ = sign(Rₖ₋₁), the sign of what the
+  first k − 1 bases, with jointly refitted alphas, leave unexplained.
+
+Statistics use the population standard deviation (numpy's default, ``ddof=0``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+SCOPES = ("per_layer", "per_channel")
+BASES = ("shifted", "residual")
+ALPHA_FITS = ("lstsq", "adam")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    return scope
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """Validate M (minimum 1) or N (minimum 0): an integer, not a bool, at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def sign(x: Tensor) -> Tensor:
+    """Sign with sign(0) = +1, so the result holds only ±1 (``torch.sign`` maps 0 to 0)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def weight_shifts(M: int, dtype=torch.float32, device=None) -> Tensor:
+    """The paper's shift grid uₘ = −1 + 2(m − 1)/(M − 1), m = 1..M; u = (0,) for M = 1."""
+    check_count("M", M, 1)
+    if M == 1:
+        return torch.zeros(1, dtype=dtype, device=device)
+    return torch.linspace(-1.0, 1.0, M, dtype=dtype, device=device)
+
+
+def _stat_dims(weight: Tensor, scope: str) -> tuple[int, ...] | None:
+    """Dimensions reduced for the statistics: all of them per layer, all but dim 0 per channel."""
+    check_scope(scope)
+    return None if scope == "per_layer" else tuple(range(1, weight.dim()))
+
+
+def weight_statistics(weight: Tensor, scope: str = "per_layer") -> tuple[Tensor, Tensor]:
+    """mean(W) and std(W) (population), broadcastable against W."""
+    dims = _stat_dims(weight, scope)
+    if dims is None:
+        return weight.mean(), weight.std(unbiased=False)
+    return weight.mean(dim=dims, keepdim=True), weight.std(dim=dims, unbiased=False, keepdim=True)
+
+
+def weight_bases(weight: Tensor, M: int, scope: str = "per_layer", shifts: Tensor | None = None) -> Tensor:
+    """Binary bases Bₘ = sign(W − mean(W) + uₘ·std(W)), stacked to shape (M, *W.shape), values ±1.
+
+    ``shifts`` overrides the paper's grid uₘ (e.g. learned shifts); it must have M entries.
+    """
+    check_count("M", M, 1)
+    u = weight_shifts(M, weight.dtype, weight.device) if shifts is None else shifts.to(weight.dtype)
+    if u.numel() != M:
+        raise ValueError(f"expected {M} shifts, got {u.numel()}")
+    mean, std = weight_statistics(weight, scope)
+    centred = weight - mean
+    return sign(centred.unsqueeze(0) + u.view(-1, *([1] * weight.dim())) * std.unsqueeze(0))
+
+
+def _flatten(weight: Tensor, bases: Tensor, scope: str) -> tuple[Tensor, Tensor]:
+    """Views for the least-squares problem: W as (G, n) and B as (G, M, n), G = 1 or C_out."""
+    check_scope(scope)
+    M = bases.shape[0]
+    if scope == "per_layer":
+        return weight.reshape(1, -1), bases.reshape(1, M, -1)
+    C = weight.shape[0]
+    return weight.reshape(C, -1), bases.reshape(M, C, -1).transpose(0, 1)
+
+
+def _solver_device(device: torch.device) -> torch.device:
+    # float64 is not available on MPS; the M×M systems are tiny, so solve them on the CPU there.
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def fit_alphas(weight: Tensor, bases: Tensor, scope: str = "per_layer") -> Tensor:
+    """Closed-form α = argmin ‖W − Σₘ αₘBₘ‖² (eq. 3 of the paper), per layer or per output channel.
+
+    Solves the normal equations G α = Bᵀw on the M×M Gram matrix G = BBᵀ in float64 with a
+    pseudo-inverse, so coinciding bases (tiny layers, M larger than the number of distinct values)
+    give the minimum-norm solution instead of a singular-matrix error. The residual W − Σ αB is
+    orthogonal to every basis. Returns shape (M,) per layer and (M, C_out) per channel; no gradient.
+    """
+    with torch.no_grad():
+        w, b = _flatten(weight, bases, scope)
+        gram = torch.bmm(b, b.transpose(1, 2))  # (G, M, M), integer-valued
+        rhs = torch.bmm(b, w.unsqueeze(-1))  # (G, M, 1)
+        solver = _solver_device(weight.device)
+        gram, rhs = gram.to(solver, torch.float64), rhs.to(solver, torch.float64)
+        alphas = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ rhs
+        alphas = alphas.squeeze(-1).to(weight.device, weight.dtype)  # (G, M)
+        return alphas[0] if scope == "per_layer" else alphas.t().contiguous()
+
+
+def fit_alphas_adam(
+    weight: Tensor,
+    bases: Tensor,
+    scope: str = "per_layer",
+    steps: int = 200,
+    lr: float = 1e-2,
+    init: Tensor | None = None,
+) -> Tensor:
+    """The seed notebook's alpha fit: ``steps`` Adam iterations on ‖W − Σₘ αₘBₘ‖², for comparison.
+
+    Starts from ``init`` (e.g. the previous step's alphas) or from mean|W|/M. Slower and never
+    better than :func:`fit_alphas`, which solves the same problem exactly.
+    """
+    w, b = _flatten(weight.detach(), bases.detach(), scope)
+    if init is None:
+        start = w.abs().mean(dim=1, keepdim=True).expand(-1, b.shape[1]) / b.shape[1]
+    else:
+        start = init.detach().reshape(b.shape[1], -1).t()
+    alphas = start.clone().to(w.dtype).requires_grad_(True)
+    optimizer = torch.optim.Adam([alphas], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            error = (w - torch.einsum("gm,gmn->gn", alphas, b)).pow(2).mean()
+            error.backward()
+            optimizer.step()
+    result = alphas.detach()
+    return result[0] if scope == "per_layer" else result.t().contiguous()
+
+
+def _expand_alphas(alphas: Tensor, weight: Tensor) -> Tensor:
+    """Alphas shaped to broadcast against the stacked bases (M, *W.shape)."""
+    if alphas.dim() == 1:
+        return alphas.view(-1, *([1] * weight.dim()))
+    return alphas.view(alphas.shape[0], alphas.shape[1], *([1] * (weight.dim() - 1)))
+
+
+def combine(alphas: Tensor, bases: Tensor) -> Tensor:
+    """Σₘ αₘBₘ for per-layer (M,) or per-channel (M, C_out) alphas."""
+    return (_expand_alphas(alphas, bases[0]) * bases).sum(dim=0)
+
+
+def residual_bases(weight: Tensor, M: int, scope: str = "per_layer") -> tuple[Tensor, Tensor]:
+    """Greedy residual bases: B₁ = sign(W − mean(W)), Bₖ = sign(W − Σ_{j<k} αⱼBⱼ), alphas refitted
+    jointly by least squares after each step. Returns (bases, alphas) for all M bases."""
+    check_count("M", M, 1)
+    with torch.no_grad():
+        mean, _ = weight_statistics(weight, scope)
+        bases = sign(weight - mean).unsqueeze(0)
+        alphas = fit_alphas(weight, bases, scope)
+        for _ in range(1, M):
+            bases = torch.cat([bases, sign(weight - combine(alphas, bases)).unsqueeze(0)])
+            alphas = fit_alphas(weight, bases, scope)
+    return bases, alphas
+
+
+def relative_error(weight: Tensor, approximation: Tensor) -> float:
+    """‖W − Ŵ‖ / ‖W‖."""
+    norm = weight.norm().item()
+    return (weight - approximation).norm().item() / norm if norm > 0 else 0.0
+
+
+class WeightBinarizer(nn.Module):
+    """W ↦ Σₘ αₘBₘ with a straight-through gradient (paper eq. 5).
+
+    In training mode the bases and the closed-form alphas are recomputed from the current W in
+    every forward pass; ``eval()`` refits them once and freezes them in the ``alphas`` buffer
+    (which is what evaluation and exported checkpoints use).
+
+    Gradient: sign is treated as the identity (STE), the statistics and α as constants, so
+    ∂c/∂W = Σₘ αₘ ∂c/∂Bₘ = (Σₘ αₘ) ∂c/∂Ŵ, with Ŵ = Σ αₘBₘ; with ``learn_u`` also
+    ∂c/∂uₘ = αₘ · std(W) · Σ ∂c/∂Ŵ.
+    """
+
+    def __init__(
+        self,
+        M: int,
+        scope: str = "per_layer",
+        bases: str = "shifted",
+        learn_u: bool = False,
+        alpha_fit: str = "lstsq",
+        adam_steps: int = 200,
+        out_channels: int = 1,
+    ):
+        super().__init__()
+        self.M = check_count("M", M, 1)
+        self.scope = check_scope(scope)
+        if bases not in BASES:
+            raise ValueError(f"unknown bases {bases!r}: choose one of {', '.join(BASES)}")
+        if alpha_fit not in ALPHA_FITS:
+            raise ValueError(f"unknown alpha_fit {alpha_fit!r}: choose one of {', '.join(ALPHA_FITS)}")
+        if learn_u and bases != "shifted":
+            raise ValueError("learn_u applies to the shifted bases only (bases='shifted')")
+        self.bases_scheme, self.alpha_fit, self.adam_steps = bases, alpha_fit, adam_steps
+        shifts = weight_shifts(M)
+        if learn_u:
+            self.shifts = nn.Parameter(shifts)
+        else:
+            self.register_buffer("shifts", shifts)
+        alpha_shape = (M,) if scope == "per_layer" else (M, out_channels)
+        self.register_buffer("alphas", torch.zeros(alpha_shape))
+
+    def compute_bases(self, weight: Tensor) -> Tensor:
+        """The current bases (M, *W.shape), without gradient."""
+        with torch.no_grad():
+            if self.bases_scheme == "residual":
+                return residual_bases(weight, self.M, self.scope)[0]
+            return weight_bases(weight, self.M, self.scope, self.shifts.detach())
+
+    def refit(self, weight: Tensor) -> Tensor:
+        """Recompute the bases and their alphas from ``weight``, store the alphas, return the bases."""
+        bases = self.compute_bases(weight)
+        with torch.no_grad():
+            if self.alpha_fit == "adam":
+                init = self.alphas if bool(self.alphas.any()) else None
+                alphas = fit_alphas_adam(weight, bases, self.scope, self.adam_steps, init=init)
+            else:
+                alphas = fit_alphas(weight, bases, self.scope)
+            self.alphas.copy_(alphas)
+        return bases
+
+    def current_bases(self, weight: Tensor) -> Tensor:
+        """Training: refit alphas to the current W (every step). Eval: keep the frozen alphas."""
+        return self.refit(weight) if self.training else self.compute_bases(weight)
+
+    def _shift_carrier(self, weight: Tensor) -> Tensor | None:
+        """Zero-valued (M, …) term carrying ∂Bₘ/∂uₘ = std(W) when the shifts are learned."""
+        if not isinstance(self.shifts, nn.Parameter):
+            return None
+        _, std = weight_statistics(weight.detach(), self.scope)
+        u = self.shifts - self.shifts.detach()
+        return u.view(-1, *([1] * weight.dim())) * std.unsqueeze(0)
+
+    def bases_with_grad(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(bases, alphas) where each basis carries its own STE gradient (naive M·N reference path)."""
+        bases = self.current_bases(weight) + (weight - weight.detach()).unsqueeze(0)
+        shift_carrier = self._shift_carrier(weight)
+        return (bases if shift_carrier is None else bases + shift_carrier), self.alphas
+
+    def forward(self, weight: Tensor) -> Tensor:
+        alphas = _expand_alphas(self.alphas, weight)
+        approximation = (alphas * self.current_bases(weight)).sum(dim=0)
+        # STE: zero in value, gradient (Σ αₘ) ∂c/∂Ŵ to W (and αₘ·std·∂c/∂Ŵ to uₘ).
+        approximation = approximation + alphas.sum(dim=0) * (weight - weight.detach())
+        shift_carrier = self._shift_carrier(weight)
+        if shift_carrier is not None:
+            approximation = approximation + (alphas * shift_carrier).sum(dim=0)
+        return approximation
+
+    def extra_repr(self) -> str:
+        return f"M={self.M}, scope={self.scope}, bases={self.bases_scheme}, alpha_fit={self.alpha_fit}"

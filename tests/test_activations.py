@@ -1,0 +1,97 @@
+"""Activation bases and their straight-through gradients against a numpy reference."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
+
+
+def np_forward(r, v, beta):
+    """Σₙ βₙ Hᵥₙ(R), Hᵥ(R) = +1 if clip(R + v, 0, 1) ≥ 0.5 else −1."""
+    return sum(b * np.where(np.clip(r + vn, 0, 1) >= 0.5, 1.0, -1.0) for vn, b in zip(v, beta))
+
+
+def np_grads(r, g, v, beta):
+    """STE: the gradient passes where 0 ≤ R + vₙ ≤ 1."""
+    masks = [((r + vn) >= 0) & ((r + vn) <= 1) for vn in v]
+    grad_r = sum(b * g * m for b, m in zip(beta, masks))
+    grad_v = [b * (g * m).sum() for b, m in zip(beta, masks)]
+    grad_beta = [(g * np.where(np.clip(r + vn, 0, 1) >= 0.5, 1.0, -1.0)).sum() for vn in v]
+    return grad_r, np.array(grad_v), np.array(grad_beta)
+
+
+def make_input(n=4000, seed=0):
+    r = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    # exact boundary cases for v = 0.25: R + v = 0, 0.5 and 1
+    return torch.cat([r, torch.tensor([-0.25, 0.25, 0.75, 0.0], dtype=torch.float64)]).view(2, -1)
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 5])
+def test_forward_and_ste_gradients_match_numpy(N):
+    act = ActivationBinarizer(N).double()
+    with torch.no_grad():
+        act.shifts.copy_(torch.linspace(-0.5, 0.5, N) if N > 1 else torch.tensor([0.25]))
+        act.betas.copy_(torch.rand(N, dtype=torch.float64) + 0.1)
+    r = make_input().requires_grad_()
+    g = torch.randn_like(r)
+    out = act(r)
+    v, beta = act.shifts.detach().numpy(), act.betas.detach().numpy()
+    np.testing.assert_allclose(out.detach().numpy(), np_forward(r.detach().numpy(), v, beta), rtol=1e-12)
+    (out * g).sum().backward()
+    grad_r, grad_v, grad_beta = np_grads(r.detach().numpy(), g.numpy(), v, beta)
+    np.testing.assert_allclose(r.grad.numpy(), grad_r, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(act.shifts.grad.numpy(), grad_v, rtol=1e-9)
+    np.testing.assert_allclose(act.betas.grad.numpy(), grad_beta, rtol=1e-9)
+
+
+def test_bases_are_exactly_plus_minus_one_and_initial_shifts_differ():
+    for N in (2, 3, 5, 8):
+        act = ActivationBinarizer(N)
+        assert len(set(act.shifts.tolist())) == N
+        bases = heaviside_bases(torch.rand(1000), act.shifts.detach())
+        assert set(bases.unique().tolist()) <= {-1.0, 1.0}
+        assert len({tuple(b.tolist()) for b in bases}) == N  # N different bases on spread data
+    assert ActivationBinarizer(1).shifts.tolist() == [0.0]
+
+
+def test_compiled_kernels_match_eager():
+    eager, compiled = ActivationBinarizer(3), ActivationBinarizer(3, kernel="compiled")
+    compiled.load_state_dict(eager.state_dict())
+    r = torch.rand(4, 8, 6, 6) * 2 - 0.5
+    outputs, grads = [], []
+    for act in (eager, compiled):
+        x = r.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a machine without a compiler falls back to eager
+            out = act(x)
+        out.pow(2).sum().backward()
+        outputs.append(out.detach())
+        grads.append((x.grad, act.shifts.grad, act.betas.grad))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_fits_real_inputs_better_than_the_default_start():
+    r = torch.relu(torch.randn(50_000, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.3)
+    errors = []
+    for N in (1, 2, 3, 5):
+        act = ActivationBinarizer(N)
+        default = ((r - act(r).detach()).norm() / r.norm()).item()
+        error = act.calibrate(r)
+        assert error < default
+        assert abs(error - ((r - act(r).detach()).norm() / r.norm()).item()) < 1e-6
+        assert act.calibration_error.item() == pytest.approx(error)
+        errors.append(error)
+    assert errors == sorted(errors, reverse=True)
+    shifts, betas, _ = fit_activation_bases(r, 4)
+    assert len(set(shifts.tolist())) == 4 and (betas > 0).all()
+
+
+@pytest.mark.parametrize("bad_N", [0, -1, 2.0, "2"])
+def test_bad_N_is_a_value_error(bad_N):
+    with pytest.raises(ValueError, match="N must be"):
+        ActivationBinarizer(bad_N)
