@@ -1,0 +1,405 @@
+"""Datasets of the experiments, split into train / validation / test / calibration sets.
+
+``build_datasets(name, ...)`` returns a :class:`DataSplits` for one of :data:`DATASETS`:
+
+* ``digits``: scikit-learn's 1,797 8×8 handwritten digits (bundled, nothing to download).
+* ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``: torchvision's classes under ``root``.
+* ``imagenet``: ``torchvision.datasets.ImageFolder`` over ``root/imagenet/{train,val}``.
+
+The validation set is always a seeded random carve of the *training* set and is read with the
+evaluation transforms (no augmentation); the test set is the official test split (for digits, a
+fixed carve that does not depend on the seed). When files are missing and cannot be downloaded,
+:class:`DatasetUnavailableError` says which files are expected, where, and how to get them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.datasets as tvd
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms
+from torchvision.datasets.utils import check_integrity
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
+
+# Statistics of sklearn's digits (pixels 0..16 scaled to [0, 1]) over all 1,797 images.
+DIGITS_MAX_PIXEL = 16.0
+DIGITS_MEAN = 0.3053
+DIGITS_STD = 0.3760
+# Fraction of the digits held out as the test set, always carved with the same seed.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 0
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset's files are missing (or corrupted) and could not be downloaded."""
+
+
+@dataclass
+class DataSplits:
+    """The four datasets of one experiment and the shape of its images.
+
+    ``train`` carries the training augmentation; ``val`` (carved from the training set),
+    ``test`` (the official test split) and ``calib`` (the training subset again, for
+    calibration batches) use the evaluation transforms.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    in_channels: int
+    image_size: int
+    num_classes: int
+    calib: Dataset
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST family: read the gzipped archives in place when they are not unpacked.
+
+
+def _read_idx_gz(path: str) -> torch.Tensor:
+    """Read a gzipped idx file of unsigned bytes (the MNIST format) as a uint8 tensor."""
+    with gzip.open(path, "rb") as file:
+        raw = file.read()
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class _GzipArchiveFallback:
+    """Mixin for torchvision's MNIST-family classes: also read verified ``.gz`` archives in place.
+
+    torchvision only reads the unpacked idx files, and unpacks the archives into ``raw/`` when
+    ``download=True``; that fails on a read-only copy holding only the four ``.gz`` files (e.g. a
+    shared dataset folder). With this mixin such archives are read directly and nothing is written.
+    The subclasses keep torchvision's class names, which name the folder under ``root``.
+    """
+
+    def _check_exists(self) -> bool:
+        return super()._check_exists() or self._archives_verified()
+
+    def _archives_verified(self) -> bool:
+        return all(check_integrity(os.path.join(self.raw_folder, name), md5) for name, md5 in self.resources)
+
+    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if super()._check_exists():
+            return super()._load_data()
+        prefix = "train" if self.train else "t10k"
+        images = _read_idx_gz(os.path.join(self.raw_folder, f"{prefix}-images-idx3-ubyte.gz"))
+        labels = _read_idx_gz(os.path.join(self.raw_folder, f"{prefix}-labels-idx1-ubyte.gz"))
+        return images, labels.long()
+
+
+class MNIST(_GzipArchiveFallback, tvd.MNIST):
+    """torchvision's MNIST, also reading ``MNIST/raw/*.gz`` in place."""
+
+
+class FashionMNIST(_GzipArchiveFallback, tvd.FashionMNIST):
+    """torchvision's FashionMNIST, also reading ``FashionMNIST/raw/*.gz`` in place."""
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision datasets with an official train/test split.
+
+
+@dataclass(frozen=True)
+class _TorchvisionSpec:
+    """What :func:`build_datasets` needs to know about one torchvision dataset."""
+
+    dataset_class: type
+    in_channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_and_flip: bool  # CIFAR augmentation: RandomCrop(32, padding=4) + RandomHorizontalFlip
+    files: str  # the files expected, for the error message
+    folder: str  # where they go, relative to root
+    url: str  # where to download them by hand
+    root_example: str = ""  # a data.root known to hold the files, for the error message
+
+
+def _mnist_files(dataset_class: type) -> str:
+    names = ", ".join(name for name, _ in dataset_class.resources)
+    return f"{names} (gzipped, or unpacked without the .gz)"
+
+
+def _cifar_files(dataset_class: type, batches: str) -> str:
+    return (
+        f"{dataset_class.filename} (download=True unpacks it, without network access), "
+        f"or its unpacked folder {dataset_class.base_folder}/ ({batches})"
+    )
+
+
+_TORCHVISION_SPECS: dict[str, _TorchvisionSpec] = {
+    "mnist": _TorchvisionSpec(
+        dataset_class=MNIST, in_channels=1, image_size=28, num_classes=10,
+        mean=(0.1307,), std=(0.3081,), crop_and_flip=False,
+        files=_mnist_files(MNIST), folder="MNIST/raw", url=MNIST.mirrors[0],
+        root_example="data.root=../shared/datasets",
+    ),
+    "fashion_mnist": _TorchvisionSpec(
+        dataset_class=FashionMNIST, in_channels=1, image_size=28, num_classes=10,
+        mean=(0.2860,), std=(0.3530,), crop_and_flip=False,
+        files=_mnist_files(FashionMNIST), folder="FashionMNIST/raw", url=FashionMNIST.mirrors[0],
+    ),
+    "cifar10": _TorchvisionSpec(
+        dataset_class=tvd.CIFAR10, in_channels=3, image_size=32, num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_and_flip=True,
+        files=_cifar_files(tvd.CIFAR10, "data_batch_1..5, test_batch, batches.meta"), folder="",
+        url=tvd.CIFAR10.url,
+    ),
+    "cifar100": _TorchvisionSpec(
+        dataset_class=tvd.CIFAR100, in_channels=3, image_size=32, num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), crop_and_flip=True,
+        files=_cifar_files(tvd.CIFAR100, "train, test, meta"), folder="", url=tvd.CIFAR100.url,
+    ),
+}
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unavailable_message(
+    name: str, spec: _TorchvisionSpec, root: str, download: bool, error: BaseException
+) -> str:
+    folder = Path(root, spec.folder).resolve()
+    if download:
+        reason = f"its files are not in place and downloading them failed ({_one_line(error)})"
+    else:
+        reason = "its files were not found (or are corrupted) and download=False"
+    example = f", e.g. {spec.root_example}" if spec.root_example else ""
+    return (
+        f"Dataset '{name}' is not available: {reason}. "
+        f"Expected {spec.files} in {folder}/. "
+        f"To fix: download them by hand from {spec.url} into that folder, "
+        f"or set data.root= to a folder that already has them{example}."
+    )
+
+
+def _load_torchvision(
+    name: str, spec: _TorchvisionSpec, root: str, train: bool, transform: Callable, download: bool
+) -> Dataset:
+    """One split of a torchvision dataset; missing files become :class:`DatasetUnavailableError`."""
+    try:
+        return spec.dataset_class(root, train=train, transform=transform, download=download)
+    except (RuntimeError, OSError) as error:  # torchvision's "not found", URLError, unpacking errors
+        raise DatasetUnavailableError(_unavailable_message(name, spec, root, download, error)) from error
+
+
+def _torchvision_transforms(spec: _TorchvisionSpec, augment: bool) -> tuple[Callable, Callable]:
+    """(train, eval) transforms: ToTensor + Normalize, with CIFAR's crop and flip for training."""
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    augmentation = []
+    if augment and spec.crop_and_flip:
+        augmentation = [transforms.RandomCrop(spec.image_size, padding=4), transforms.RandomHorizontalFlip()]
+    return transforms.Compose(augmentation + to_tensor), transforms.Compose(to_tensor)
+
+
+def _build_torchvision(
+    name: str, root: str, download: bool, augment: bool, val_fraction: float, val_size: int | None, seed: int
+) -> DataSplits:
+    spec = _TORCHVISION_SPECS[name]
+    train_transform, eval_transform = _torchvision_transforms(spec, augment)
+    train_augmented = _load_torchvision(name, spec, root, True, train_transform, download)
+    train_plain = _load_torchvision(name, spec, root, True, eval_transform, download)
+    test = _load_torchvision(name, spec, root, False, eval_transform, download)
+    return _carve_splits(
+        name, train_augmented, train_plain, test, val_fraction, val_size, seed,
+        in_channels=spec.in_channels, image_size=spec.image_size, num_classes=spec.num_classes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet (ImageFolder, never downloaded).
+
+
+def _imagenet_message(folder: Path, reason: str) -> str:
+    return (
+        f"Dataset 'imagenet' is not available: {reason}. "
+        f"ImageNet cannot be downloaded automatically; expected the ImageFolder layout "
+        f"{folder}/train/<class>/*.JPEG and {folder}/val/<class>/*.JPEG, with the same class folders "
+        f"(e.g. n01440764) in both (the official flat ILSVRC2012 validation images must first be "
+        f"sorted into class folders). Get ILSVRC2012 from https://image-net.org/download.php, "
+        f"or set data.root= to a folder that has imagenet/train and imagenet/val."
+    )
+
+
+def _load_image_folder(folder: Path, transform: Callable) -> tvd.ImageFolder:
+    try:
+        return tvd.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise DatasetUnavailableError(_imagenet_message(folder.parent, _one_line(error))) from error
+
+
+def _build_imagenet(
+    root: str, augment: bool, val_fraction: float, val_size: int | None, seed: int
+) -> DataSplits:
+    folder = Path(root, "imagenet").resolve()
+    missing = [str(folder / split) for split in ("train", "val") if not (folder / split).is_dir()]
+    if missing:
+        raise DatasetUnavailableError(_imagenet_message(folder, f"missing folder(s) {', '.join(missing)}"))
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    eval_transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), *normalize])
+    train_transform = eval_transform
+    if augment:
+        train_transform = transforms.Compose(
+            [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), *normalize]
+        )
+    train_augmented = _load_image_folder(folder / "train", train_transform)
+    train_plain = _load_image_folder(folder / "train", eval_transform)
+    test = _load_image_folder(folder / "val", eval_transform)
+    if test.classes != train_plain.classes:
+        raise DatasetUnavailableError(
+            _imagenet_message(folder, "the class folders of val/ differ from those of train/")
+        )
+    return _carve_splits(
+        "imagenet", train_augmented, train_plain, test, val_fraction, val_size, seed,
+        in_channels=3, image_size=224, num_classes=len(train_plain.classes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sklearn digits.
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 8×8 digits as normalised float (1, 8, 8) images with int labels."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits  # imported here: slow, and only digits need it
+
+        digits = load_digits()
+        pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / DIGITS_MAX_PIXEL
+        self.images = (pixels - DIGITS_MEAN) / DIGITS_STD
+        self.targets = torch.as_tensor(digits.target, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+def _build_digits(val_fraction: float, val_size: int | None, seed: int) -> DataSplits:
+    """Fixed test carve (seed 0, 20 %), then a ``seed``-dependent validation carve of the rest."""
+    digits = DigitsDataset()
+    all_indices = list(range(len(digits)))
+    pool, test_indices = _carve(all_indices, round(DIGITS_TEST_FRACTION * len(digits)), DIGITS_TEST_SEED)
+    train_indices, val_indices = _carve(pool, _validation_count(len(pool), val_fraction, val_size), seed)
+    return DataSplits(
+        name="digits",
+        train=Subset(digits, train_indices),
+        val=Subset(digits, val_indices),
+        test=Subset(digits, test_indices),
+        in_channels=1,
+        image_size=8,
+        num_classes=10,
+        calib=Subset(digits, train_indices),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation carve.
+
+
+def _validation_count(n_train: int, val_fraction: float, val_size: int | None) -> int:
+    count = val_size if val_size is not None else round(val_fraction * n_train)
+    if not 0 < count < n_train:
+        raise ValueError(
+            f"The validation set must hold between 1 and {n_train - 1} of the {n_train} training "
+            f"images; got val_size={val_size}, val_fraction={val_fraction} ({count} images)."
+        )
+    return count
+
+
+def _carve(indices: Sequence[int], n_carved: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``indices`` at random (seeded) into ``(rest, carved)``, each sorted."""
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
+    carved = sorted(indices[i] for i in order[:n_carved])
+    rest = sorted(indices[i] for i in order[n_carved:])
+    return rest, carved
+
+
+def _carve_splits(
+    name: str,
+    train_augmented: Dataset,
+    train_plain: Dataset,
+    test: Dataset,
+    val_fraction: float,
+    val_size: int | None,
+    seed: int,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+) -> DataSplits:
+    """Carve the validation set out of the training set.
+
+    The same indices index both instances of the training set (one with the training
+    augmentation, one with the evaluation transforms), so train is augmented and val and
+    calib are not.
+    """
+    n_train = len(train_plain)
+    n_val = _validation_count(n_train, val_fraction, val_size)
+    train_indices, val_indices = _carve(range(n_train), n_val, seed)
+    return DataSplits(
+        name=name,
+        train=Subset(train_augmented, train_indices),
+        val=Subset(train_plain, val_indices),
+        test=test,
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        calib=Subset(train_plain, train_indices),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_datasets(
+    name: str,
+    root: str | os.PathLike = "data",
+    download: bool = True,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    augment: bool = True,
+    val_size: int | None = None,
+) -> DataSplits:
+    """Build the train / val / test / calib datasets of ``name`` (one of :data:`DATASETS`).
+
+    Args:
+        name: dataset name.
+        root: folder holding (or receiving) the dataset files; unused by ``digits``.
+        download: let torchvision download missing files (never for ``imagenet``/``digits``).
+        val_fraction: fraction of the training set carved out as validation set.
+        seed: seed of the validation carve (the test split never depends on it).
+        augment: use the training augmentation (CIFAR crop+flip, ImageNet random resized crop);
+            MNIST, FashionMNIST and digits have none.
+        val_size: number of validation images; overrides ``val_fraction`` when given.
+
+    Raises:
+        ValueError: unknown ``name`` or an impossible validation size.
+        DatasetUnavailableError: the files are missing and could not be downloaded.
+    """
+    root = os.fspath(root)
+    if name == "digits":
+        return _build_digits(val_fraction, val_size, seed)
+    if name == "imagenet":
+        return _build_imagenet(root, augment, val_fraction, val_size, seed)
+    if name in _TORCHVISION_SPECS:
+        return _build_torchvision(name, root, download, augment, val_fraction, val_size, seed)
+    raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
