@@ -304,3 +304,35 @@ def test_loaded_values_match_numpy_reference(tmp_path, offline):
     expected = (fake.test_images.astype(np.float32) / 255 - 0.1307) / 0.3081
     assert torch.allclose(images[:, 0], torch.from_numpy(expected), atol=1e-5)
     assert labels.tolist() == fake.test_labels.tolist()
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shards_disjointly():
+    from abc_experiments.data.loaders import EpochSampler
+
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start=4)
+    assert list(sampler) == full[4:] and len(sampler) == 6
+    sampler.set_epoch(3)
+    assert list(sampler) != full
+    shards = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(2)
+    keys = [key for shard in shards for key in shard]
+    assert len(keys) == 12 and {index for _, index in keys} == set(range(10))  # padded like DistributedSampler
+
+
+def test_augmentation_is_the_same_with_or_without_workers(tmp_path, monkeypatch):
+    write_fake_cifar(tmp_path, n_train=12, n_test=4)
+    patch_cifar_checksums(monkeypatch, tmp_path)
+    splits = build_datasets("cifar10", root=tmp_path, val_size=2)
+
+    def epoch_images(workers):
+        loader = build_loaders(splits, batch_size=5, num_workers=workers)["train"]
+        loader.sampler.set_epoch(1)
+        return torch.cat([images for images, _ in loader])
+
+    single = epoch_images(0)
+    assert torch.equal(single, epoch_images(2))
+    assert torch.equal(single, epoch_images(0))

@@ -1,9 +1,13 @@
 """DataLoaders for a :class:`~abc_experiments.data.datasets.DataSplits`.
 
-Training batches are shuffled by a seeded ``torch.Generator`` so runs are reproducible. With
-``sampler_world_size > 1`` the training set is sharded by a ``DistributedSampler`` (call
-``loaders["train"].sampler.set_epoch(epoch)`` every epoch to reshuffle); val, test and calib
-are NOT sharded: every rank evaluates the whole split.
+Training order and augmentation are pure functions of (seed, epoch, sample): the
+:class:`EpochSampler` draws each epoch's permutation from its own generator and can start in the
+middle of an epoch, and :class:`SeededSamples` runs each sample's random transforms under a seed
+made from (seed, epoch, index). So a run resumed mid-epoch, with any number of worker processes,
+sees exactly the batches an uninterrupted run would. Call ``loaders["train"].sampler.set_epoch``
+before every epoch. With ``sampler_world_size > 1`` the training set is sharded across ranks
+(like ``DistributedSampler``); val, test and calib are NOT sharded: every rank evaluates the
+whole split.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import DataSplits
 
@@ -32,14 +35,64 @@ def _seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (the same on every machine and process)."""
+    value = 0x9E3779B97F4A7C15
+    for number in numbers:
+        value = (value ^ (number & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+    return value >> 1
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys in an order fixed by (seed, epoch), sharded over ranks.
+
+    ``set_epoch(epoch, start=k)`` starts the epoch after its first ``k`` samples of this rank (to
+    resume mid-epoch). Like ``DistributedSampler``, the permutation is padded to a multiple of the
+    world size so every rank gets the same number of samples.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        order = torch.randperm(self.size, generator=_seeded_generator(_mix(self.seed, self.epoch))).tolist()
+        padded = -(-self.size // self.world_size) * self.world_size
+        order += order[: padded - self.size]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter([(self.epoch, index) for index in self._indices()[self.start:]])
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size) - self.start
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that ``dataset[(epoch, index)]`` runs its random transforms under the
+    seed (seed, epoch, index): reproducible augmentation in any worker, and after a resume."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.dataset[index]
+
+
 def _train_loader(
     dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int, **options
 ) -> DataLoader:
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
-    generator = _seeded_generator(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **options)
+    sampler = EpochSampler(len(dataset), seed, rank, world_size)
+    return DataLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, **options)
 
 
 def build_loaders(

@@ -1,0 +1,287 @@
+"""Training and evaluation for one stage (pretraining or fine-tuning), resumable mid-epoch.
+
+A stage checkpoints at every epoch end and when interrupted (Ctrl-C / SIGTERM): the model,
+optimizer, scheduler, RNG state, the position in the epoch and the running metrics. Because the
+batch order and augmentation are functions of (seed, epoch, sample) (see ``data.loaders``), a
+resumed stage ends with exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoints import CheckpointError, atomic_save, load_checkpoint, load_model_state
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM arrived; the stage saved a checkpoint to resume from."""
+
+    def __init__(self, stage: str, epoch: int, step: int, checkpoint: Path):
+        super().__init__(f"{stage} interrupted at epoch {epoch + 1}, step {step}; checkpoint {checkpoint}")
+        self.stage, self.epoch, self.step, self.checkpoint = stage, epoch, step, checkpoint
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps; a second
+    Ctrl-C interrupts at once. Handlers are installed only in the main thread."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+@dataclass
+class Metrics:
+    loss: float
+    acc: float  # %
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {f"{prefix}loss": self.loss, f"{prefix}acc": self.acc}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Metrics:
+    """Mean cross-entropy and accuracy (%) over ``loader`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    model.train(was_training)
+    return Metrics(loss=loss_sum.item() / max(count, 1), acc=100.0 * correct.item() / max(count, 1))
+
+
+def make_optimizer(parameters, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StageTrainer:
+    """Trains ``model`` for one stage; ``fit()`` returns the per-epoch history.
+
+    Each epoch logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and ``lr`` to
+    ``writer`` (the same tags for every stage, so TensorBoard overlays them), keeps
+    ``<stage>_last.pt`` and ``<stage>_best.pt`` (best validation accuracy) in ``checkpoint_dir``.
+    """
+
+    def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, *, device: torch.device,
+                 checkpoint_dir: Path, writer, seed: int, stop: StopRequest, progress: bool = True,
+                 distributed=None, on_epoch_end=None, is_writer: bool = True):
+        self.stage, self.model, self.loaders, self.cfg = stage, model, loaders, cfg
+        self.device, self.writer, self.seed, self.stop, self.progress = device, writer, seed, stop, progress
+        self.distributed = distributed  # the DDP-wrapped model, or None
+        self.on_epoch_end = on_epoch_end
+        self.is_writer = is_writer  # only rank 0 writes checkpoints and logs
+        self.last_path = checkpoint_dir / f"{stage}_last.pt"
+        self.best_path = checkpoint_dir / f"{stage}_best.pt"
+        self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.history: list[dict] = []
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.running = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        self.best_val_acc = -math.inf
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "running": self.running,
+            "history": self.history, "best_val_acc": self.best_val_acc,
+        }
+
+    def save(self) -> None:
+        if self.is_writer:
+            atomic_save(self.state_dict(), self.last_path)
+
+    def resume(self) -> bool:
+        """Continue from ``<stage>_last.pt`` if it exists; returns whether it did."""
+        if not self.last_path.is_file():
+            return False
+        state = load_checkpoint(self.last_path, f"{self.stage} checkpoint")
+        if state.get("stage") != self.stage:
+            raise CheckpointError(f"{self.last_path} is not a {self.stage} checkpoint")
+        load_model_state(self.model, state, self.last_path, f"{self.stage} checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.running = state["global_step"], state["running"]
+        self.history, self.best_val_acc = state["history"], state["best_val_acc"]
+        log.info("%s: resuming at epoch %d, step %d from %s", self.stage, self.epoch + 1, self.step_in_epoch,
+                 self.last_path)
+        return True
+
+    # ---- training ----------------------------------------------------------------------------
+    def _steps_this_epoch(self, loader: DataLoader) -> int:
+        limit = self.cfg.steps_per_epoch
+        return len(loader) + self.step_in_epoch if limit is None else min(limit, len(loader) + self.step_in_epoch)
+
+    def _train_epoch(self) -> Metrics:
+        loader = self.loaders["train"]
+        batch_size = loader.batch_size
+        loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
+        total = self._steps_this_epoch(loader)
+        net = self.distributed or self.model
+        self.model.train()
+        bar = _progress(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
+                        enabled=self.progress and self.is_writer)
+        batches = iter(loader)
+        while self.step_in_epoch < total:
+            if self.stop.requested:
+                bar.close()
+                self.save()
+                raise TrainingInterrupted(self.stage, self.epoch, self.step_in_epoch, self.last_path)
+            images, labels = next(batches)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            logits = net(images)
+            loss = F.cross_entropy(logits, labels)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"the {self.stage} loss became {loss_value} at epoch {self.epoch + 1}, step "
+                    f"{self.step_in_epoch + 1} (lr {self.optimizer.param_groups[0]['lr']:g}): lower "
+                    f"{self.stage}.lr or check the data; checkpoints so far are in {self.last_path.parent}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.running += torch.tensor([loss_value * labels.numel(), (logits.argmax(1) == labels).sum().item(),
+                                          labels.numel()], dtype=torch.float64)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if self.is_writer:
+                self.writer.add_scalar("train/loss_step", loss_value, self.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.running[0] / self.running[2]:.4f}",
+                            acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
+        bar.close()
+        running = self._reduce(self.running)
+        return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item())
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum training statistics over ranks (no-op without DDP)."""
+        if self.distributed is None:
+            return values
+        import torch.distributed as dist
+        reduced = values.to(self.device)
+        dist.all_reduce(reduced)
+        return reduced.cpu()
+
+    def fit(self) -> list[dict]:
+        while self.epoch < self.cfg.epochs:
+            lr = self.optimizer.param_groups[0]["lr"]
+            train = self._train_epoch()
+            val = evaluate(self.model, self.loaders["val"], self.device)
+            record = {"epoch": self.epoch + 1, "lr": lr, **train.as_dict("train_"), **val.as_dict("val_")}
+            self.history.append(record)
+            if self.is_writer:
+                log_epoch(self.writer, record, record["epoch"])
+            log.info("%s epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g",
+                     self.stage, self.epoch + 1, self.cfg.epochs, train.loss, train.acc, val.loss, val.acc, lr)
+            if val.acc > self.best_val_acc:
+                self.best_val_acc = val.acc
+                if self.is_writer:
+                    atomic_save({"stage": self.stage, "epoch": self.epoch + 1, "model": self.model.state_dict(),
+                                 "val_acc": val.acc}, self.best_path)
+            self.scheduler.step()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.running = torch.zeros(3, dtype=torch.float64)
+            self.save()
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self)
+        return self.history
+
+
+def log_epoch(writer, record: dict, step: int) -> None:
+    """The per-epoch tags shared by every stage (step = epoch, so stages overlay)."""
+    writer.add_scalar("train/loss", record["train_loss"], step)
+    writer.add_scalar("train/acc", record["train_acc"], step)
+    writer.add_scalar("val/loss", record["val_loss"], step)
+    writer.add_scalar("val/acc", record["val_acc"], step)
+    writer.add_scalar("lr", record["lr"], step)
+    writer.flush()
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+    def set_postfix(self, **_):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, description: str, enabled: bool):
+    """A tqdm bar on a terminal; nothing otherwise (epoch summaries go to the log)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True, disable=None)

@@ -1,0 +1,1 @@
+"""abc-run's Hydra configs, shipped inside the package as ``abc_experiments.conf``."""
