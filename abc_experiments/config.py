@@ -148,9 +148,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is out of range: it must be in (0, 1)")
     _check_min("data.num_workers", cfg.data.num_workers, 0)
+    if cfg.pretrain.epochs == 0 and not (cfg.model.pretrained or cfg.pretrain.checkpoint):
+        raise ConfigError("pretrain.epochs=0 skips FP training, so the weights must come from somewhere: "
+                          "set model.pretrained=true or pretrain.checkpoint=PATH, or pretrain.epochs >= 1")
     for stage in ("pretrain", "finetune"):
         s = cfg[stage]
-        _check_min(f"{stage}.epochs", s.epochs, 0 if stage == "finetune" else 1)
+        _check_min(f"{stage}.epochs", s.epochs, 0)
         _check_min(f"{stage}.steps_per_epoch", s.steps_per_epoch, 1)
         _check_min(f"{stage}.batch_size", s.batch_size, 1)
         _check_min(f"{stage}.eval_batch_size", s.eval_batch_size, 1)

@@ -48,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 def _seed(seed: int, stage: str) -> None:
     """Every stage starts from its own seed, so its numbers do not depend on what ran before it
     (e.g. whether the FP model was trained in this job or taken from the cache)."""
-    torch.manual_seed(seed * 1000 + {"pretrain": 1, "convert": 2, "finetune": 3}[stage])
+    torch.manual_seed(seed * 1000 + {"init": 0, "pretrain": 1, "convert": 2, "finetune": 3}[stage])
 
 
 class Experiment:
@@ -110,6 +110,8 @@ class Experiment:
             path = Path(cfg.checkpoint).expanduser().absolute()
             load_model_state(model, load_checkpoint(path, "pretrain.checkpoint"), path, "pretrain.checkpoint")
             return f"checkpoint {path}"
+        if cfg.epochs == 0:
+            return "pretrained weights (pretrain.epochs=0)"
         settings = {"dataset": self.cfg.dataset.name, "model": to_container(self.cfg.model),
                     "val_fraction": self.cfg.data.val_fraction, "seed": self.cfg.seed, "version": CACHE_VERSION,
                     "world_size": self.ctx.world_size,
@@ -173,6 +175,7 @@ class Experiment:
             splits = build_datasets(cfg.dataset.name, root=str(Path(cfg.data.root).expanduser().absolute()),
                                     download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
             loaders = self._loaders(splits, cfg.finetune)
+            _seed(cfg.seed, "init")
             fp_model = self._build_model(splits)
             self.summary["fp_source"] = self.pretrain(splits, fp_model)
             self.summary["fp"] = self._evaluate(fp_model, loaders)

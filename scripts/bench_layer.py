@@ -11,6 +11,8 @@ on two layer configs: ``cifar`` (64→64, 3×3, pad 1, 32×32 input, batch 128) 
 notebook's second layer: 32→64, 5×5, pad 2, 14×14 input, batch 50). Inputs are ReLU of a normal
 tensor. Each case runs warm-up iterations (these also trigger the torch.compile compilation) and
 reports the median of ``--repeats`` timed iterations (``time.perf_counter``, CUDA synchronised).
+Each ABC case is timed interleaved with the ``nn.Conv2d`` (alternating iterations); "conv ms" is
+that paired baseline's median and "× conv" the ratio of the two medians.
 
 Prints a table and writes JSON (default ``outputs/bench/bench_layer.json``) with a ``targets`` entry
 checking "fused ABC(5,5) at most 1.3× nn.Conv2d on CPU" per config and kernel.
@@ -48,20 +50,25 @@ WARMUP = 3
 TARGET_RATIO = 1.3
 
 
-def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor, repeats: int) -> list[float]:
-    """Wall times (ms) of ``repeats`` forward+backward passes, after ``WARMUP`` untimed ones."""
+def time_fwd_bwd(layers: list[nn.Module], x: torch.Tensor, upstream: torch.Tensor, repeats: int) -> list[list[float]]:
+    """Wall times (ms) of ``repeats`` forward+backward passes per layer, after ``WARMUP`` untimed ones.
+
+    The layers take turns iteration by iteration, so a load change on a shared machine hits all of
+    them alike and their ratio stays meaningful.
+    """
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    layer.train()
-    times = []
+    times = [[] for _ in layers]
     for i in range(WARMUP + repeats):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        sync()
-        start = time.perf_counter()
-        layer(x).backward(upstream)
-        sync()
-        if i >= WARMUP:
-            times.append((time.perf_counter() - start) * 1e3)
+        for layer, layer_times in zip(layers, times):
+            layer.train()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            sync()
+            start = time.perf_counter()
+            layer(x).backward(upstream)
+            sync()
+            if i >= WARMUP:
+                layer_times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -108,7 +115,7 @@ def main(argv=None) -> dict:
         meta["gpu"] = torch.cuda.get_device_name(device)
     print(f"# torch {meta['torch']} | device {meta['device']} | threads {meta['threads']} | CPU {meta['cpu']}"
           + (f" | GPU {meta['gpu']}" if "gpu" in meta else "") + f" | median of {args.repeats}", flush=True)
-    print(f"{'config':<7} {'M':>2} {'N':>2}  {'impl':<15} {'median ms':>10} {'× conv':>7}", flush=True)
+    print(f"{'config':<7} {'M':>2} {'N':>2}  {'impl':<15} {'median ms':>10} {'conv ms':>9} {'× conv':>7}", flush=True)
 
     rows, targets = [], []
     for name in args.configs:
@@ -117,21 +124,19 @@ def main(argv=None) -> dict:
         conv = nn.Conv2d(c["cin"], c["cout"], c["k"], padding=c["pad"]).to(device)
         x = torch.randn(c["batch"], c["cin"], c["size"], c["size"], device=device).relu().requires_grad_()
         upstream = torch.randn(conv(x).shape, device=device)
-        cases = [(None, None, "nn.Conv2d", "-", lambda: conv)]
-        cases += [(M, N, impl, kernel, lambda M=M, N=N, impl=impl, kernel=kernel:
-                   ABCConv2d.from_conv(conv, M, N, scope="per_layer", impl=impl, kernel=kernel))
-                  for M, N in pairs for impl, kernel in variants]
-        baseline = None
-        for M, N, impl, kernel, build in cases:
-            times = time_fwd_bwd(build(), x, upstream, args.repeats)
-            median = statistics.median(times)
-            baseline = baseline or median
+        cases = [(None, None, "nn.Conv2d", "-")] + [(M, N, impl, kernel) for M, N in pairs for impl, kernel in variants]
+        for M, N, impl, kernel in cases:
+            layers = [conv] if M is None else [conv, ABCConv2d.from_conv(conv, M, N, "per_layer", impl, kernel=kernel)]
+            timed = time_fwd_bwd(layers, x, upstream, args.repeats)
+            conv_times, times = timed[0], timed[-1]  # the same list for the nn.Conv2d row
+            median, conv_median = statistics.median(times), statistics.median(conv_times)
             label = impl if kernel == "-" else f"{impl}/{kernel}"
             row = dict(config=name, M=M, N=N, impl=impl, kernel=kernel, median_ms=round(median, 3),
-                       ratio=round(median / baseline, 3), times_ms=[round(t, 3) for t in times])
+                       conv_ms=round(conv_median, 3), ratio=round(median / conv_median, 3),
+                       times_ms=[round(t, 3) for t in times])
             rows.append(row)
-            print(f"{name:<7} {M or '-':>2} {N or '-':>2}  {label:<15} {median:>10.2f} {row['ratio']:>6.2f}×",
-                  flush=True)
+            print(f"{name:<7} {M or '-':>2} {N or '-':>2}  {label:<15} {median:>10.2f} {conv_median:>9.2f}"
+                  f" {row['ratio']:>6.2f}×", flush=True)
         for kernel in [k for impl, k in variants if impl == "fused"]:
             row = next(r for r in rows if r["config"] == name and (r["M"], r["N"], r["impl"], r["kernel"])
                        == (5, 5, "fused", kernel))

@@ -1,0 +1,235 @@
+"""abc-run end to end on the bundled digits: run dir, summary.json, TensorBoard, cache, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from hydra.errors import ConfigCompositionException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import abc_experiments.pipeline as pipeline
+from abc_experiments.config import ConfigError, validate
+from abc_experiments.pipeline import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EPOCH_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr"}
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def scalar_tags(event_dir: Path) -> set[str]:
+    return set(EventAccumulator(str(event_dir)).Reload().Tags()["scalars"])
+
+
+def results(summary: dict) -> dict:
+    return {stage: {k: summary[stage][k] for k in ("acc", "loss", "val_acc", "val_loss")}
+            for stage in ("fp", "converted", "finetuned")}
+
+
+def test_run_writes_summary_checkpoints_and_tensorboard(compose_cfg, tmp_path):
+    metric = run(compose_cfg(TINY))
+    run_dir = tmp_path / "run"
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished"
+    assert metric == summary["finetuned"]["val_acc"]
+    for stage in ("fp", "converted", "finetuned"):
+        assert 0 <= summary[stage]["acc"] <= 100 and summary[stage]["loss"] > 0
+    assert summary["abc"] == {"M": 2, "N": 2, "scope": "per_layer"}
+    assert summary["gaps"]["finetuned"] == pytest.approx(summary["fp"]["acc"] - summary["finetuned"]["acc"])
+    assert [layer["name"] for layer in summary["layers"]] == ["conv2"]
+    assert 0 < summary["layers"][0]["weight_error"] < 1 and 0 < summary["layers"][0]["activation_error"] < 1
+    assert summary["size"]["compression"] > 1
+    assert set(summary["wall_time_s"]) == {"pretrain", "convert", "finetune", "total"}
+    assert summary["config"]["abc"]["M"] == 2 and summary["fp_source"] == "trained"
+    # accuracy on 359 held-out digits is well above chance even after 2 tiny epochs
+    assert summary["fp"]["acc"] > 50 and summary["finetuned"]["acc"] > 50
+    # TensorBoard: one dir per stage, same tags, plus histograms, text and hparams
+    assert EPOCH_TAGS <= scalar_tags(run_dir / "tb" / "fp")
+    assert EPOCH_TAGS <= scalar_tags(run_dir / "tb" / "abc")
+    abc_events = EventAccumulator(str(run_dir / "tb" / "abc")).Reload()
+    assert {"alphas/conv2", "betas/conv2", "shifts/conv2"} <= set(abc_events.Tags()["histograms"])
+    assert "abc/layers/text_summary" in abc_events.Tags()["tensors"]
+    assert "hparam/finetuned_acc" in abc_events.Tags()["scalars"]
+    # checkpoints load with weights_only=True
+    for name in ("pretrain_last.pt", "pretrain_best.pt", "finetune_last.pt", "finetune_best.pt"):
+        assert isinstance(torch.load(run_dir / "checkpoints" / name, weights_only=True), dict)
+    assert next((tmp_path / "cache" / "pretrain").glob("seed_cnn-digits-*.pt")).is_file()
+
+
+def test_same_seed_same_numbers_and_the_cache_is_reused(compose_cfg, tmp_path):
+    first = read_summary_after(run, compose_cfg(TINY + ["seed=3"], run_dir=tmp_path / "a"), tmp_path / "a")
+    second = read_summary_after(run, compose_cfg(TINY + ["seed=3"], run_dir=tmp_path / "b"), tmp_path / "b")
+    assert second["fp_source"].startswith("cache")
+    assert results(first) == results(second)
+    retrained = read_summary_after(run, compose_cfg(TINY + ["seed=3", "pretrain.reuse=false"], run_dir=tmp_path / "c"),
+                                   tmp_path / "c")
+    assert retrained["fp_source"] == "trained" and results(retrained) == results(first)
+
+
+def read_summary_after(function, cfg, run_dir):
+    function(cfg)
+    return read_summary(run_dir)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_and_validates(compose_cfg, preset):
+    cfg = compose_cfg([f"experiment={preset}"])
+    validate(cfg)
+    assert cfg.experiment == preset
+
+
+def test_type_errors_are_rejected_when_composing(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match="abc.M"):
+        compose_cfg(["abc.M=five"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("abc.M=0", "abc.M=0 is out of range"),
+    ("abc.N=-1", "abc.N=-1 is out of range"),
+    ("abc.scope=per_pixel", "abc.scope='per_pixel' is not a valid choice"),
+    ("dataset.name=svhn", "dataset='svhn' is not a valid choice"),
+    ("finetune.lr=0", "finetune.lr=0.0 is out of range"),
+    ("pretrain.epochs=0", "pretrain.epochs=0 skips FP training"),
+])
+def test_range_errors_are_config_errors_before_training(compose_cfg, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run(compose_cfg(TINY + [override]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_bad_values_give_one_message_and_no_traceback(tmp_path):
+    for override, expected in (("abc.M=five", "abc.M"), ("abc.M=0", "abc.M=0 is out of range")):
+        result = run_cli([override], cwd=tmp_path)
+        assert result.returncode != 0
+        assert expected in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "outputs" / "cache").exists()  # nothing trained
+
+
+def test_cli_missing_dataset_offline(tmp_path):
+    result = run_cli(["dataset=mnist", f"data.root={tmp_path / 'nodata'}", "data.download=false",
+                      "hydra.run.dir=" + str(tmp_path / "run")], cwd=tmp_path)
+    output = result.stderr + result.stdout
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "train-images-idx3-ubyte" in output and str(tmp_path / "nodata") in output
+    assert read_summary(tmp_path / "run")["status"] == "failed"
+
+
+def test_corrupt_and_mismatched_checkpoints_give_one_clear_error(compose_cfg, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    result = run_cli(TINY + [f"pretrain.checkpoint={corrupt}", "hydra.run.dir=" + str(tmp_path / "r1")], cwd=tmp_path)
+    output = result.stderr + result.stdout
+    assert result.returncode == 1 and "Traceback" not in output
+    assert f"pretrain.checkpoint {corrupt} cannot be read" in output
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save({"model": torch.nn.Linear(3, 3).state_dict()}, mismatched)
+    with pytest.raises(Exception, match="does not fit the SeedCNN"):
+        run(compose_cfg(TINY + [f"pretrain.checkpoint={mismatched}"]))
+
+
+def test_nan_loss_stops_with_the_stage_and_step(tmp_path):
+    result = run_cli(TINY + ["pretrain.lr=1e30", "pretrain.optimizer=sgd", "hydra.run.dir=" + str(tmp_path / "run")],
+                     cwd=tmp_path)
+    output = result.stderr + result.stdout
+    assert result.returncode == 1 and "Traceback" not in output
+    assert "the pretrain loss became" in output and "epoch 1, step" in output
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and "NonFiniteLossError" in summary["error"]
+
+
+def interrupt_at(monkeypatch, stage_steps: int):
+    """Send a real SIGINT to this process after ``stage_steps`` training forward passes."""
+    calls = {"n": 0}
+    original = pipeline.build_model
+
+    def build_with_signal(*args, **kwargs):
+        model = original(*args, **kwargs)
+
+        def hook(module, _inputs):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == stage_steps:
+                    os.kill(os.getpid(), signal.SIGINT)
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(pipeline, "build_model", build_with_signal)
+
+
+# 1,294 training digits in batches of 256: 6 steps per epoch, 12 per stage. The FP model's hook is
+# deep-copied into the ABC model, so step 5 falls in pretraining and step 14 in fine-tuning.
+@pytest.mark.parametrize("steps", [5, 14])
+def test_interrupt_and_resume_equals_an_uninterrupted_run(compose_cfg, tmp_path, monkeypatch, steps):
+    settings = TINY + ["pretrain.batch_size=256", "finetune.batch_size=256", "finetune.epochs=2"]
+    reference = read_summary_after(run, compose_cfg(settings + ["cache_dir=" + str(tmp_path / "c1")],
+                                                    run_dir=tmp_path / "ref"), tmp_path / "ref")
+    interrupt_at(monkeypatch, steps)
+    cfg = compose_cfg(settings + ["cache_dir=" + str(tmp_path / "c2")], run_dir=tmp_path / "int")
+    with pytest.raises(pipeline.TrainingInterrupted):
+        run(cfg)
+    assert read_summary(tmp_path / "int")["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = read_summary_after(run, compose_cfg(settings + ["cache_dir=" + str(tmp_path / "c2"), "resume=true"],
+                                                  run_dir=tmp_path / "int"), tmp_path / "int")
+    assert resumed["status"] == "finished"
+    assert results(resumed) == results(reference)
+    assert resumed["finetuned"]["history"] == reference["finetuned"]["history"]
+
+
+def test_cli_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    script = Path(sys.executable).parent / "abc-run"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command + TINY + ["pretrain.epochs=200", "pretrain.batch_size=8",
+                                                 f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run_dir / "checkpoints" / "pretrain_last.pt"
+    for _ in range(600):
+        if last.exists() or process.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.1"])
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "resume=true" in output and "Traceback" not in output
+    assert torch.load(last, weights_only=True)["stage"] == "pretrain"
+    assert read_summary(run_dir)["status"] == "interrupted"
+
+
+def test_multirun_pretrains_once_for_all_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    settings = [o for o in TINY if not o.startswith("abc.M=")]
+    result = run_cli(["-m", "abc.M=1,2", *settings, f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert sorted(name.split(",")[0] for name in summaries) == ["abc.M=1", "abc.M=2"]  # readable job dirs
+    sources = sorted(s["fp_source"].split()[0] for s in summaries.values())
+    assert sources == ["cache", "trained"]
+    assert len({s["fp"]["acc"] for s in summaries.values()}) == 1
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 1
+
+
+def test_concurrent_launches_get_their_own_dirs_and_share_one_cache(tmp_path):
+    script = Path(sys.executable).parent / "abc-run"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+    processes = [subprocess.Popen(command + TINY + [f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    run_dirs = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(run_dirs) == 2
+    sources = sorted(read_summary(d)["fp_source"].split()[0] for d in run_dirs)
+    assert sources == ["cache", "trained"]
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 1
