@@ -9,6 +9,7 @@ with 130 after saying how to resume. In a multirun, a failing job is logged and 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -37,6 +38,8 @@ def _is_multirun() -> bool:
 def run_job(cfg: DictConfig) -> float:
     """:func:`run` with the command-line handling of errors and interruptions."""
     multirun = _is_multirun()
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for everyone
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return run(cfg)
     except USER_ERRORS as error:

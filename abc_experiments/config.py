@@ -197,7 +197,9 @@ def _readable(overrides: str) -> str:
 
 
 def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("abc_launch_id", launch_id, replace=True)
+    # use_cache: Hydra copies the launcher's resolver cache into every job's config, so jobs that
+    # joblib or submitit run in other processes resolve the same sweep dir.
+    OmegaConf.register_new_resolver("abc_launch_id", launch_id, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("abc_suffix", lambda o: f"_{_readable(o)}" if o else "", replace=True)
     OmegaConf.register_new_resolver(
         "abc_job_subdir", lambda num, o: _readable(o) if o else f"job{num}", replace=True)

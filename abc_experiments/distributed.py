@@ -50,6 +50,22 @@ class DistributedContext:
         dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over ranks (returned on the CPU)."""
+        if not self.active:
+            return values
+        reduced = values.to(self.device)
+        dist.all_reduce(reduced)
+        return reduced.cpu()
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

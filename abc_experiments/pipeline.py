@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -55,20 +56,20 @@ class Experiment:
     """One run of the pipeline; :meth:`run` returns the summary dict."""
 
     def __init__(self, cfg: DictConfig):
-        validate(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).absolute()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ctx = distributed.context(cfg.device)
-        self.device = self.ctx.device or resolve_device(cfg.device)
+        self.resume = cfg.resume or requeued()
         self.stop = StopRequest()
         self.summary: dict = {
             "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name, "seed": cfg.seed,
             "experiment": cfg.experiment, "abc": {"M": cfg.abc.M, "N": cfg.abc.N or 0, "scope": cfg.abc.scope},
-            "run_dir": str(self.run_dir), "device": str(self.device), "world_size": self.ctx.world_size,
-            "wall_time_s": {}, "config": to_container(cfg),
+            "run_dir": str(self.run_dir), "world_size": self.ctx.world_size, "resumed": self.resume,
+            "wall_time_s": {},
+            "config": to_container(cfg),
         }
-        self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
+        self.boards = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _loaders(self, splits, stage_cfg) -> dict:
@@ -87,11 +88,10 @@ class Experiment:
         return {"acc": test.acc, "loss": test.loss, "val_acc": val.acc, "val_loss": val.loss}
 
     def _trainer(self, stage: str, model: nn.Module, loaders: dict, stage_cfg, board, on_epoch_end=None):
-        wrapped = self.ctx.wrap(model)
         trainer = StageTrainer(stage, model, loaders, stage_cfg, device=self.device, checkpoint_dir=self.ckpt_dir,
-                               writer=board, seed=self.cfg.seed, stop=self.stop, progress=self.cfg.progress,
-                               distributed=wrapped, on_epoch_end=on_epoch_end, is_writer=self.ctx.is_main)
-        if not (self.cfg.resume and trainer.resume()):
+                               writer=board, stop=self.stop, ctx=self.ctx, progress=self.cfg.progress,
+                               on_epoch_end=on_epoch_end)
+        if not (self.resume and trainer.resume()):
             _seed(self.cfg.seed, stage)
         return trainer
 
@@ -128,7 +128,7 @@ class Experiment:
             self.summary["fp_history"] = state.get("history", [])
             return f"cache {cache.path}"
 
-        if cfg.reuse and cache.exists():
+        if self.ctx.agree(cfg.reuse and cache.exists()):
             return from_cache()
         with self.ctx.lock_on_main(cache.lock):  # one job trains it; concurrent jobs wait, then reuse it
             if self.ctx.agree(cfg.reuse and cache.exists()):
@@ -169,7 +169,11 @@ class Experiment:
     def run(self) -> dict:
         cfg = self.cfg
         started = time.perf_counter()
-        log.info("run dir: %s (device %s)", self.run_dir, self.device)
+        validate(cfg)
+        self.device = self.ctx.device or resolve_device(cfg.device)
+        self.summary["device"] = str(self.device)
+        self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
+        log.info("run dir: %s (device %s%s)", self.run_dir, self.device, ", resuming" if self.resume else "")
         with self.stop:
             t = time.perf_counter()
             splits = build_datasets(cfg.dataset.name, root=str(Path(cfg.data.root).expanduser().absolute()),
@@ -256,10 +260,17 @@ def run(cfg: DictConfig) -> float:
         experiment.write_summary()
         raise
     finally:
-        experiment.boards.close()
+        if experiment.boards is not None:
+            experiment.boards.close()
         experiment.ctx.close()
     value = result["finetuned"]["val_acc"]
     return value if math.isfinite(value) else float("nan")
+
+
+def requeued() -> bool:
+    """A SLURM job that was preempted or timed out and requeued (e.g. by submitit) resumes from its
+    own last checkpoint in its job dir, without being told."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 def _is_interrupt(error: BaseException) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoints import CheckpointError, atomic_save, load_checkpoint, load_model_state
+from .distributed import DistributedContext
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM arrived; the stage saved a checkpoint to resume from."""
 
-    def __init__(self, stage: str, epoch: int, step: int, checkpoint: Path):
+    def __init__(self, stage: str, epoch: int, step: int, checkpoint: Path):  # noqa: D107
         super().__init__(f"{stage} interrupted at epoch {epoch + 1}, step {step}; checkpoint {checkpoint}")
         self.stage, self.epoch, self.step, self.checkpoint = stage, epoch, step, checkpoint
 
@@ -129,13 +130,14 @@ class StageTrainer:
     """
 
     def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, *, device: torch.device,
-                 checkpoint_dir: Path, writer, seed: int, stop: StopRequest, progress: bool = True,
-                 distributed=None, on_epoch_end=None, is_writer: bool = True):
+                 checkpoint_dir: Path, writer, stop: StopRequest, ctx: DistributedContext | None = None,
+                 progress: bool = True, on_epoch_end=None):
         self.stage, self.model, self.loaders, self.cfg = stage, model, loaders, cfg
-        self.device, self.writer, self.seed, self.stop, self.progress = device, writer, seed, stop, progress
-        self.distributed = distributed  # the DDP-wrapped model, or None
+        self.device, self.writer, self.stop, self.progress = device, writer, stop, progress
+        self.ctx = ctx or DistributedContext()
+        self.net = self.ctx.wrap(model) or model  # what training steps run (DDP-wrapped under torchrun)
         self.on_epoch_end = on_epoch_end
-        self.is_writer = is_writer  # only rank 0 writes checkpoints and logs
+        self.is_writer = self.ctx.is_main  # only rank 0 writes checkpoints and logs
         self.last_path = checkpoint_dir / f"{stage}_last.pt"
         self.best_path = checkpoint_dir / f"{stage}_best.pt"
         self.optimizer = make_optimizer(model.parameters(), cfg)
@@ -186,19 +188,18 @@ class StageTrainer:
         batch_size = loader.batch_size
         loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
         total = self._steps_this_epoch(loader)
-        net = self.distributed or self.model
         self.model.train()
         bar = _progress(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
                         enabled=self.progress and self.is_writer)
         batches = iter(loader)
         while self.step_in_epoch < total:
-            if self.stop.requested:
+            if self.ctx.any(self.stop.requested):  # every rank stops at the same step
                 bar.close()
                 self.save()
                 raise TrainingInterrupted(self.stage, self.epoch, self.step_in_epoch, self.last_path)
             images, labels = next(batches)
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            logits = net(images)
+            logits = self.net(images)
             loss = F.cross_entropy(logits, labels)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -221,17 +222,8 @@ class StageTrainer:
             bar.set_postfix(loss=f"{self.running[0] / self.running[2]:.4f}",
                             acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
         bar.close()
-        running = self._reduce(self.running)
+        running = self.ctx.sum(self.running)
         return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item())
-
-    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum training statistics over ranks (no-op without DDP)."""
-        if self.distributed is None:
-            return values
-        import torch.distributed as dist
-        reduced = values.to(self.device)
-        dist.all_reduce(reduced)
-        return reduced.cpu()
 
     def fit(self) -> list[dict]:
         while self.epoch < self.cfg.epochs:

@@ -17,7 +17,10 @@ that paired baseline's median and "× conv" the ratio of the two medians.
 Prints a table and writes JSON (default ``outputs/bench/bench_layer.json``) with a ``targets`` entry
 checking "fused ABC(5,5) at most 1.3× nn.Conv2d on CPU" per config and kernel.
 
-Run: ``python scripts/bench_layer.py`` (``--quick`` for (1,1), (3,3), (5,5) only; ``--help``).
+Run: ``python scripts/bench_layer.py`` (``--quick`` for (1,1), (3,3), (5,5) only; ``--help``). On a
+shared machine other busy processes slow the many small parallel ops of the eager and naive paths
+far more than one big conv (thread oversubscription); the load average is recorded, and
+``--threads 1`` gives steadier ratios there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -85,6 +89,7 @@ def cpu_model() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per case (median)")
     parser.add_argument("--quick", action="store_true", help="only (M, N) in (1,1), (3,3), (5,5)")
     parser.add_argument("--configs", default="cifar,seed", help=f"comma list of {', '.join(CONFIGS)}")
@@ -105,16 +110,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     pairs = QUICK_PAIRS if args.quick else tuple(itertools.product(COUNTS, COUNTS))
     variants = [("fused", "eager")] + [("fused", "compiled")] * (not args.no_compiled)
     variants += [("naive", "eager")] * (not args.no_naive)
     meta = dict(torch=torch.__version__, device=str(device), threads=torch.get_num_threads(), cpu=cpu_model(),
-                python=platform.python_version(), repeats=args.repeats, warmup=WARMUP, quick=args.quick)
+                python=platform.python_version(), repeats=args.repeats, warmup=WARMUP, quick=args.quick,
+                loadavg_start=os.getloadavg()[0])
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
-    print(f"# torch {meta['torch']} | device {meta['device']} | threads {meta['threads']} | CPU {meta['cpu']}"
-          + (f" | GPU {meta['gpu']}" if "gpu" in meta else "") + f" | median of {args.repeats}", flush=True)
+    gpu = f" | GPU {meta['gpu']}" if "gpu" in meta else ""
+    print(f"# torch {meta['torch']} | device {meta['device']} | threads {meta['threads']} | CPU {meta['cpu']}{gpu}"
+          f" | median of {args.repeats} | load average {meta['loadavg_start']:.2f}", flush=True)
     print(f"{'config':<7} {'M':>2} {'N':>2}  {'impl':<15} {'median ms':>10} {'conv ms':>9} {'× conv':>7}", flush=True)
 
     rows, targets = [], []
@@ -143,6 +152,7 @@ def main(argv=None) -> dict:
             targets.append(dict(config=name, kernel=kernel, M=5, N=5, ratio=row["ratio"], limit=TARGET_RATIO,
                                 met=row["ratio"] <= TARGET_RATIO, device=str(device)))
 
+    meta["loadavg_end"] = os.getloadavg()[0]  # other processes on the cores make ratios unreliable
     meta["compiled_fell_back_to_eager"] = activations._Kernels.compiled == (
         activations.staircase, activations.staircase_grad)
     result = dict(meta=meta, rows=rows, targets=dict(
@@ -161,7 +171,7 @@ def main(argv=None) -> dict:
         detail = ", ".join(f"{t['kernel']} {t['ratio']:.2f}×" for t in checks)
         verdict = f"MET with kernel {' and '.join(met)}" if met else "NOT met"
         print(f"target {name}: fused ABC(5,5) ≤ {TARGET_RATIO}× nn.Conv2d: {verdict} ({detail})")
-    print(f"JSON: {path}")
+    print(f"JSON: {path} (load average {meta['loadavg_start']:.2f} at start, {meta['loadavg_end']:.2f} at end)")
     return result
 
 

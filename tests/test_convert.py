@@ -105,6 +105,18 @@ def test_calibration_brings_the_converted_model_closer_to_the_original():
     assert not model.training
 
 
+def test_calibration_folds_the_input_offset_into_the_bias():
+    """conv(c + ΣβA, Ŵ) = conv(ΣβA, Ŵ) + c·ΣŴ: the layer without the offset plus the new bias
+    reproduces the layer fed with the offset (away from padded borders)."""
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    layer = ABCConv2d.from_conv(conv, 2, 2).eval()
+    x = torch.rand(2, 3, 6, 6)
+    act = staircase(x, layer.activation_binarizer.shifts, layer.activation_binarizer.betas)
+    expected = F.conv2d(act + 0.7, layer.approximated_weight())
+    layer.absorb_input_offset(0.7)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_summary_counts_bits_macs_and_size():
     model = small_cnn()
     convert(model, 3, 2)

@@ -95,11 +95,11 @@ def calibrate(
     Layers are calibrated one at a time in forward order, each on inputs that flow through the
     already calibrated layers before it (so later layers see the quantized network they will run
     in). Each layer fits a sample of at most ``max_samples`` input values with
-    :func:`~abc_experiments.nn.activations.fit_activation_bases` (thresholds from quantiles, refined
-    by Lloyd–Max alternation, betas by least squares). With ``batchnorm``, BatchNorm running
-    statistics are then re-estimated on the same batches. ``batches`` yields input tensors or
+    :func:`~abc_experiments.nn.activations.fit_activation_bases` (Lloyd–Max thresholds, betas and an
+    input offset by least squares) and folds the offset into its bias. With ``batchnorm``,
+    BatchNorm running statistics are then re-estimated on the same batches. ``batches`` yields input tensors or
     (input, target) pairs, e.g. a few batches of a training DataLoader. Returns the relative
-    activation error ‖R − ΣβA‖/‖R‖ per layer.
+    activation error ‖R − c − ΣβA‖/‖R‖ per layer.
     """
     device = next(model.parameters()).device
     inputs = _inputs(batches, device)
@@ -113,7 +113,8 @@ def calibrate(
             per_batch = max(1, max_samples // len(inputs))
             for name, layer in _forward_order(model, layers, inputs[0]):
                 samples = _collect_inputs(model, layer, inputs, per_batch, generator)
-                errors[name] = layer.activation_binarizer.calibrate(samples, iterations)
+                layer.absorb_input_offset(layer.activation_binarizer.calibrate(samples, iterations))
+                errors[name] = layer.activation_error()
         if batchnorm:
             recalibrate_batchnorm(model, inputs)
     finally:

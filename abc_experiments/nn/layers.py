@@ -81,6 +81,17 @@ class ABCLayer(nn.Module):
         return super().train(mode)
 
     @torch.no_grad()
+    def absorb_input_offset(self, offset: float) -> None:
+        """Add c·ΣŴ per output channel to the bias, so that the layer's output for inputs c + ΣβA
+        is kept when it is given ΣβA alone (exact for linear layers, and for convolutions away from
+        zero-padded borders). Creates a bias if the layer has none."""
+        shift = offset * self.approximated_weight().flatten(1).sum(1)
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros_like(shift))
+            self.bias_added = True  # not part of the original model (see summary())
+        self.bias.add_(shift)
+
+    @torch.no_grad()
     def approximated_weight(self) -> Tensor:
         """Σₘ αₘBₘ with the stored alphas."""
         return combine(self.weight_binarizer.alphas, self.weight_binarizer.compute_bases(self.weight))

@@ -32,7 +32,7 @@ class LayerSummary:
 @dataclass
 class ModelSummary:
     layers: list[LayerSummary]
-    fp_kb: float  # all parameters at 32 bit (the model before conversion)
+    fp_kb: float  # the original model's parameters at 32 bit (ABC shifts, betas, added biases excluded)
     abc_kb: float  # converted weights at M bits + alphas, everything else at 32 bit
     compression: float
     total_macs: int | None
@@ -102,6 +102,8 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
             binary_macs=None if layer_macs is None else layer.M * layer.N * layer_macs,
         ))
         abc_params.update(id(p) for p in layer.weight_binarizer.parameters())
+        if getattr(layer, "bias_added", False):
+            abc_params.add(id(layer.bias))
         abc_params.update(id(p) for p in layer.activation_binarizer.parameters())
     converted_weights = {id(layer.weight) for _, layer in model.named_modules() if isinstance(layer, ABCLayer)}
     original = [p for p in model.parameters() if id(p) not in abc_params]

@@ -260,9 +260,21 @@ class WeightBinarizer(nn.Module):
         shift_carrier = self._shift_carrier(weight)
         return (bases if shift_carrier is None else bases + shift_carrier), self.alphas
 
+    def _frozen_approximation(self, weight: Tensor, alphas: Tensor) -> Tensor:
+        """Σ αₘBₘ in eval mode, cached until W, the alphas or the shifts change (tensor versions)."""
+        key = (weight.data_ptr(), weight._version, self.alphas._version, self.shifts._version)
+        if getattr(self, "_cache_key", None) != key:
+            with torch.no_grad():
+                self._cache = (alphas * self.compute_bases(weight)).sum(dim=0)
+            self._cache_key = key
+        return self._cache
+
     def forward(self, weight: Tensor) -> Tensor:
         alphas = _expand_alphas(self.alphas, weight)
-        approximation = (alphas * self.current_bases(weight)).sum(dim=0)
+        if self.training:
+            approximation = (alphas * self.refit(weight)).sum(dim=0)
+        else:
+            approximation = self._frozen_approximation(weight, alphas)
         # STE: zero in value, gradient (Σ αₘ) ∂c/∂Ŵ to W (and αₘ·std·∂c/∂Ŵ to uₘ).
         approximation = approximation + alphas.sum(dim=0) * (weight - weight.detach())
         shift_carrier = self._shift_carrier(weight)

@@ -1,0 +1,140 @@
+"""Sweeps at scale: multirun + abc-report, failing jobs, launchers, Optuna, DDP, SLURM requeue."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, run_cli
+from matplotlib.image import imread
+
+from abc_experiments.report import main as report_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# A sweep varies abc.M/abc.N itself; everything else is tiny.
+SWEEP_SETTINGS = [o for o in TINY if not o.startswith(("abc.M=", "abc.N="))]
+
+
+def summaries(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+
+
+def test_four_job_sweep_then_abc_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "abc.M=1,2", "abc.N=0,2", *SWEEP_SETTINGS, f"hydra.sweep.dir={sweep}",
+                      f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = summaries(sweep)
+    assert len(jobs) == 4 and all(s["status"] == "finished" for s in jobs.values())
+    assert sorted(s["fp_source"].split()[0] for s in jobs.values()) == ["cache", "cache", "cache", "trained"]
+    assert all(name.startswith("abc.M=") for name in jobs)  # readable job dirs
+
+    assert report_main([str(sweep)]) == 0
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert len(rows) == 4
+    assert {"dataset", "model", "M", "N", "finetuned_acc_mean", "fp_acc_mean", "converted_acc_mean",
+            "compression_mean", "wall_time_s_mean"} <= set(rows[0])
+    assert sorted((r["M"], r["N"]) for r in rows) == [("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
+    by_key = {(int(r["M"]), int(r["N"])): r for r in rows}
+    job_22 = next(s for s in jobs.values() if s["abc"] == {"M": 2, "N": 2, "scope": "per_layer"})
+    assert float(by_key[2, 2]["finetuned_acc_mean"]) == pytest.approx(job_22["finetuned"]["acc"])
+    markdown = (sweep / "report.md").read_text()
+    assert markdown.count("| digits | seed_cnn |") == 4
+    for name in ("accuracy_heatmap.png", "accuracy_vs_size.png"):
+        path = sweep / name
+        assert path.read_bytes()[:8] == PNG and imread(path).shape[0] > 100
+
+
+def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", "abc.M=0,1", *SWEEP_SETTINGS, f"hydra.sweep.dir={sweep}",
+                      f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {s["abc"]["M"]: s for s in summaries(sweep).values()}
+    assert jobs[0]["status"] == "failed" and "abc.M=0 is out of range" in jobs[0]["error"]
+    assert jobs[1]["status"] == "finished"
+    assert report_main([str(sweep)]) == 0
+    markdown = (sweep / "report.md").read_text()
+    assert "Failed or unfinished" in markdown and "abc.M=0 is out of range" in markdown
+
+
+@pytest.mark.parametrize("launcher,plugin", [("submitit_local", "hydra_plugins.hydra_submitit_launcher"),
+                                             ("joblib", "hydra_plugins.hydra_joblib_launcher")])
+def test_launcher_runs_two_jobs_into_one_sweep_dir(tmp_path, launcher, plugin):
+    pytest.importorskip(plugin, reason='launcher plugins come with pip install -e ".[cluster]"')
+    result = run_cli(["-m", f"hydra/launcher={launcher}", "abc.M=1,2", *SWEEP_SETTINGS,
+                      f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 1  # both jobs resolved the launcher's sweep dir
+    jobs = summaries(sweeps[0])
+    assert sorted(s["abc"]["M"] for s in jobs.values()) == [1, 2]
+    assert all(s["status"] == "finished" for s in jobs.values())
+
+
+def test_optuna_search_maximises_the_returned_validation_accuracy(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='pip install -e ".[cluster]"')
+    sweep = tmp_path / "sweep"
+    result = run_cli(["hparams_search=optuna_finetune", "hydra.sweeper.n_trials=2", *SWEEP_SETTINGS,
+                      f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = list(summaries(sweep).values())
+    assert len(jobs) == 2
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best
+    assert f"{max(j['finetuned']['val_acc'] for j in jobs):.6g}"[:4] in best
+
+
+def test_slurm_preset_requeues_and_a_requeued_job_resumes(compose_cfg, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="abc_experiments.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.max_num_timeout > 0 and launcher.gpus_per_node == 1 and launcher.array_parallelism > 0
+
+    from test_runner import interrupt_at, read_summary_after
+
+    import abc_experiments.pipeline as pipeline
+    settings = TINY + ["pretrain.batch_size=256"]
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(pipeline.TrainingInterrupted):
+        pipeline.run(compose_cfg(settings))
+    monkeypatch.undo()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
+    resumed = read_summary_after(pipeline.run, compose_cfg(settings), tmp_path / "run")
+    assert resumed["status"] == "finished" and resumed["resumed"] is True
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert read_summary_after(pipeline.run, compose_cfg(settings), tmp_path / "run")["resumed"] is False
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun, gloo, 2 CPU processes with batch 64 each against 1 process with batch 128.
+
+    Tolerance: 5 accuracy points. The runs differ legitimately: BatchNorm statistics are per
+    process (no SyncBatchNorm) and the sharded epoch is padded to an even length."""
+    common = [o for o in TINY if "batch_size" not in o] + ["pretrain.epochs=3", "finetune.epochs=2"]
+    single = run_cli([*common, "pretrain.batch_size=128", "finetune.batch_size=128",
+                      f"hydra.run.dir={tmp_path / 'single'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "abc_experiments.cli",
+                          *common, "pretrain.batch_size=64", "finetune.batch_size=64", f"cache_dir={tmp_path / 'c2'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(run_dirs) == 1  # every rank agreed on one run dir
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    reference = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    assert len(list((run_dirs[0] / "tb" / "abc").glob("events.*"))) >= 1
+    assert len(list((tmp_path / "c2" / "pretrain").glob("*.pt"))) == 1
+    for stage in ("fp", "converted", "finetuned"):
+        assert abs(summary[stage]["acc"] - reference[stage]["acc"]) <= 5.0, (stage, summary[stage], reference[stage])
