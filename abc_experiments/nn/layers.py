@@ -47,6 +47,15 @@ class ABCLayer(nn.Module):
         )
         self.weight_binarizer.refit(self.weight.detach())
 
+    def _take_trained(self, source: nn.Module):
+        """Copy ``source``'s trained weight and bias, fit the alphas, match its train/eval mode."""
+        with torch.no_grad():
+            self.weight.copy_(source.weight)
+            if source.bias is not None:
+                self.bias.copy_(source.bias)
+        self.weight_binarizer.refit(self.weight.detach())
+        return self.train(source.training)
+
     def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The layer's own operation (conv or matmul)."""
         raise NotImplementedError
@@ -134,12 +143,7 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                     M=M, N=N, scope=scope, impl=impl, device=conv.weight.device, dtype=conv.weight.dtype,
                     **options)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.weight_binarizer.refit(layer.weight.detach())
-        return layer.train(conv.training)
+        return layer._take_trained(conv)
 
     def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._conv_forward(x, weight, bias)
@@ -165,12 +169,7 @@ class ABCLinear(ABCLayer, nn.Linear):
         """An ABC layer with a copy of ``linear``'s trained weight and bias."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, M=M, N=N, scope=scope,
                     impl=impl, device=linear.weight.device, dtype=linear.weight.dtype, **options)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.weight_binarizer.refit(layer.weight.detach())
-        return layer.train(linear.training)
+        return layer._take_trained(linear)
 
     def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
