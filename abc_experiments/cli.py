@@ -47,8 +47,9 @@ def run_job(cfg: DictConfig) -> float:
         if multirun:
             return float("nan")
         sys.exit(1)
-    except TrainingInterrupted as error:
-        log.warning("%s\nresume with the same command plus: hydra.run.dir=%s resume=true", error, cfg.run_dir)
+    except (TrainingInterrupted, KeyboardInterrupt) as error:
+        log.warning("%s\nresume with the same command plus: hydra.run.dir=%s resume=true",
+                    error or "interrupted", cfg.run_dir)
         sys.exit(130)
     except Exception:
         if not multirun:

@@ -141,6 +141,8 @@ def validate(cfg: DictConfig) -> None:
     _check_choice("abc.alpha_fit", cfg.abc.alpha_fit, ALPHA_FITS)
     _check_choice("abc.kernel", cfg.abc.kernel, KERNELS)
     _check_choice("model.stem", cfg.model.stem, ("auto", "imagenet", "cifar"))
+    if cfg.model.name != "resnet18" and (cfg.model.pretrained or cfg.model.stem != "auto"):
+        raise ConfigError(f"model.pretrained and model.stem apply to resnet18 only, not model={cfg.model.name}")
     if cfg.abc.learn_u and cfg.abc.bases != "shifted":
         raise ConfigError("abc.learn_u=true needs abc.bases=shifted (residual bases have no shifts to learn)")
     _check_min("abc.calibration.batches", cfg.abc.calibration.batches, 0)
@@ -161,6 +163,8 @@ def validate(cfg: DictConfig) -> None:
         _check_choice(f"{stage}.schedule", s.schedule, SCHEDULES)
         if not s.lr > 0:
             raise ConfigError(f"{stage}.lr={s.lr} is out of range: it must be > 0")
+        _check_min(f"{stage}.weight_decay", s.weight_decay, 0)
+        _check_min(f"{stage}.momentum", s.momentum, 0)
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -181,10 +185,10 @@ def launch_id() -> str:
 
         if "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
             run_id = os.environ["TORCHELASTIC_RUN_ID"]
-            if run_id in ("", "none"):  # standalone torchrun: the agent's pid and start time
-                agent = Path(f"/proc/{os.getppid()}")
-                started = agent.stat().st_mtime if agent.exists() else 0
-                run_id = f"{os.getppid()}-{int(started)}"
+            if run_id in ("", "none"):  # torchrun without a rendezvous id: the agent's pid and start time
+                stat = Path(f"/proc/{os.getppid()}/stat")
+                started = stat.read_text().rsplit(")", 1)[1].split()[19] if stat.exists() else "0"
+                run_id = f"{os.getppid()}-{started}"
             _LAUNCH_ID.append("ddp_" + run_id)
         else:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -192,8 +196,14 @@ def launch_id() -> str:
     return _LAUNCH_ID[0]
 
 
-def _readable(overrides: str) -> str:
-    return overrides.replace("/", "-").replace(" ", "")[:120]
+def _readable(overrides: str, limit: int = 120) -> str:
+    """The overrides as a directory name; a long one is cut and given a hash of the whole, so
+    jobs that differ only at the end still get different dirs."""
+    name = overrides.replace("/", "-").replace(" ", "")
+    if len(name) <= limit:
+        return name
+    import hashlib
+    return f"{name[:limit - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def register_resolvers() -> None:

@@ -7,6 +7,7 @@ and the pretrain cache; every rank trains on its shard of the data.
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -85,7 +86,8 @@ def context(device_name: str) -> DistributedContext:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Rank 0 may wait on the pretrain cache lock while another sweep job trains: allow hours.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=12))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

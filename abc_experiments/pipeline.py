@@ -30,6 +30,9 @@ from .tb import Boards
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
+# Settings that say where or how to run, not what results to expect (resume may change them).
+RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir", "data.root", "data.download",
+                           "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,11 +65,16 @@ class Experiment:
         self.ctx = distributed.context(cfg.device)
         self.resume = cfg.resume or requeued()
         self.stop = StopRequest()
+        previous = self.run_dir / "summary.json"
+        try:
+            earlier = json.loads(previous.read_text()) if self.resume and previous.is_file() else {}
+        except ValueError:  # a summary cut short: the stages will fill it in again
+            earlier = {}
         self.summary: dict = {
+            **{k: v for k, v in earlier.items() if k in ("fp", "converted", "finetuned", "fp_source")},
             "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name, "seed": cfg.seed,
             "experiment": cfg.experiment, "abc": {"M": cfg.abc.M, "N": cfg.abc.N or 0, "scope": cfg.abc.scope},
-            "run_dir": str(self.run_dir), "world_size": self.ctx.world_size, "resumed": self.resume,
-            "wall_time_s": {},
+            "run_dir": str(self.run_dir), "world_size": self.ctx.world_size, "wall_time_s": {},
             "config": to_container(cfg),
         }
         self.boards = None
@@ -90,10 +98,28 @@ class Experiment:
     def _trainer(self, stage: str, model: nn.Module, loaders: dict, stage_cfg, board, on_epoch_end=None):
         trainer = StageTrainer(stage, model, loaders, stage_cfg, device=self.device, checkpoint_dir=self.ckpt_dir,
                                writer=board, stop=self.stop, ctx=self.ctx, progress=self.cfg.progress,
-                               on_epoch_end=on_epoch_end)
-        if not (self.resume and trainer.resume()):
+                               on_epoch_end=on_epoch_end, fingerprint=self.fingerprint())
+        resumed = trainer.resume() if self.resume else None
+        if resumed:
+            self.summary.setdefault("resumed_from", []).append(resumed)
+        else:
             _seed(self.cfg.seed, stage)
         return trainer
+
+    def fingerprint(self) -> dict:
+        """Everything that determines the results, flattened: what a resume must match. Leaves
+        out what only says where or how to run (paths, device, resume, progress, workers)."""
+        flat = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                if isinstance(value, dict):
+                    walk(value, name + ".")
+                elif name not in RUN_ONLY_KEYS:
+                    flat[name] = value
+        walk(self.summary["config"])
+        return flat
 
     def _timed(self, stage: str, started: float) -> None:
         self.summary["wall_time_s"][stage] = round(time.perf_counter() - started, 3)
@@ -114,6 +140,8 @@ class Experiment:
             return "pretrained weights (pretrain.epochs=0)"
         settings = {"dataset": self.cfg.dataset.name, "model": to_container(self.cfg.model),
                     "val_fraction": self.cfg.data.val_fraction, "seed": self.cfg.seed, "version": CACHE_VERSION,
+                    "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                             "classes": splits.num_classes},
                     "world_size": self.ctx.world_size,
                     "pretrain": {k: v for k, v in to_container(cfg).items() if k not in ("checkpoint", "reuse")}}
         cache = PretrainCache(Path(self.cfg.cache_dir).absolute(), f"{self.cfg.model.name}-{self.cfg.dataset.name}",
@@ -173,11 +201,16 @@ class Experiment:
         self.device = self.ctx.device or resolve_device(cfg.device)
         self.summary["device"] = str(self.device)
         self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
+        if self.resume and not self.ckpt_dir.is_dir():
+            log.warning("resume=true, but %s holds no checkpoints: starting from the beginning", self.run_dir)
         log.info("run dir: %s (device %s%s)", self.run_dir, self.device, ", resuming" if self.resume else "")
         with self.stop:
             t = time.perf_counter()
-            splits = build_datasets(cfg.dataset.name, root=str(Path(cfg.data.root).expanduser().absolute()),
-                                    download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+            try:
+                splits = build_datasets(cfg.dataset.name, root=str(Path(cfg.data.root).expanduser().absolute()),
+                                        download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+            except ValueError as error:
+                raise ConfigError(f"data: {error}") from None
             loaders = self._loaders(splits, cfg.finetune)
             _seed(cfg.seed, "init")
             fp_model = self._build_model(splits)

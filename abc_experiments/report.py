@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -71,7 +71,11 @@ PAPER_ABC_TOP1 = {
 # Approximate paper model sizes: torchvision's ResNet-18 parameter count, every weight stored with
 # 32 bits (full precision) or M bits (M binary bases); scales and full-precision layers are ignored.
 RESNET18_PARAMS = 11_689_512
-BYTES_PER_KB = 1024
+BYTES_PER_KB = 1000  # as in summary.json (abc_experiments.nn.summary)
+# Config keys that say where or how a job ran, or that every row shows anyway: never a variant.
+NOT_VARIANT_KEYS = frozenset({"seed", "resume", "progress", "device", "run_dir", "cache_dir", "data.root",
+                              "data.download", "data.num_workers", "pretrain.reuse", "dataset.name",
+                              "model.name", "abc.M", "abc.N"})
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,25 @@ class Job:
     seed: int | None
     summary: Mapping = field(default_factory=dict)
     error: str | None = None
+    variant: str = ""  # the settings, besides dataset/model/M/N/seed, that vary across the sweep
 
     @property
     def config_key(self) -> tuple:
-        return (self.dataset, self.model, self.M, self.N)
+        return (self.dataset, self.model, self.M, self.N, self.variant)
+
+    def settings(self) -> dict:
+        """The job's resolved config, flattened, without the keys that cannot define a variant."""
+        flat: dict = {}
+
+        def walk(node, prefix=""):
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    walk(value, f"{prefix}{key}.")
+                elif f"{prefix}{key}" not in NOT_VARIANT_KEYS:
+                    flat[f"{prefix}{key}"] = value
+        config = self.summary.get("config")
+        walk(config if isinstance(config, Mapping) else {})
+        return flat
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,7 @@ class ConfigResult:
     model: str | None
     M: int | None
     N: int | None
+    variant: str = ""
     seeds: list[int | None] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
 
@@ -262,8 +282,22 @@ def load_job(job_dir: Path, root: Path) -> Job:
 
 
 def collect_jobs(root: Path) -> list[Job]:
-    """Every job found under ``root``."""
-    return [load_job(job_dir, root) for job_dir in find_job_dirs(root)]
+    """Every job found under ``root``, finished ones labelled with their variant."""
+    return label_variants([load_job(job_dir, root) for job_dir in find_job_dirs(root)])
+
+
+def label_variants(jobs: list[Job]) -> list[Job]:
+    """Give each finished job the values of the settings that differ between finished jobs
+    (e.g. ``abc.scope=per_channel,finetune.lr=0.001``), so different configurations are never
+    averaged as if they were seeds of one."""
+    finished = [job for job in jobs if job.status == FINISHED]
+    settings = {id(job): job.settings() for job in finished}
+    keys = sorted({k for s in settings.values() for k in s})
+    varying = [k for k in keys if len({repr(s.get(k)) for s in settings.values()}) > 1]
+    if not varying:
+        return jobs
+    return [replace(job, variant=",".join(f"{k}={settings[id(job)].get(k)}" for k in varying))
+            if id(job) in settings else job for job in jobs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +310,8 @@ def _none_last(value) -> tuple:
 
 
 def _config_sort_key(key: tuple) -> tuple:
-    dataset, model, m, n = key
-    return (_none_last(dataset), _none_last(model), _none_last(m), _none_last(n))
+    dataset, model, m, n, variant = key
+    return (_none_last(dataset), _none_last(model), variant, _none_last(m), _none_last(n))
 
 
 def aggregate(jobs: Iterable[Job]) -> list[ConfigResult]:
@@ -350,10 +384,12 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str
 
 def results_table(results: Sequence[ConfigResult]) -> str:
     """Markdown table with one row per configuration."""
-    header = ["dataset", "model", "M", "N", "seeds", *(m.header for m in METRICS)]
+    variants = any(r.variant for r in results)
+    header = ["dataset", "model", *(["variant"] if variants else []), "M", "N", "seeds",
+              *(m.header for m in METRICS)]
     rows = [
-        [_text(r.dataset), _text(r.model), _text(r.M), format_n(r.N), format_seeds(r.seeds),
-         *(format_stat(r.stats(m.column), m.decimals) for m in METRICS)]
+        [_text(r.dataset), _text(r.model), *([r.variant] if variants else []), _text(r.M), format_n(r.N),
+         format_seeds(r.seeds), *(format_stat(r.stats(m.column), m.decimals) for m in METRICS)]
         for r in results
     ]
     return _markdown_table(header, rows)
@@ -405,14 +441,14 @@ def _csv_number(value: float | None) -> str:
 
 def write_csv(results: Sequence[ConfigResult], path: Path) -> None:
     """``report.csv``: one row per configuration, ``<metric>_mean`` and ``<metric>_std`` columns."""
-    header = ["dataset", "model", "M", "N", "n_seeds", "seeds"]
+    header = ["dataset", "model", "variant", "M", "N", "n_seeds", "seeds"]
     for metric in METRICS:
         header += [f"{metric.column}_mean", f"{metric.column}_std"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for r in results:
-            row = [_text(r.dataset), _text(r.model), _text(r.M), _text(r.N), len(r.seeds),
+            row = [_text(r.dataset), _text(r.model), r.variant, _text(r.M), _text(r.N), len(r.seeds),
                    ";".join(_text(s) for s in sorted(r.seeds, key=_none_last))]
             for metric in METRICS:
                 mean, std = r.stats(metric.column) or (None, None)
@@ -446,13 +482,18 @@ def paper_reference_points(dataset: str | None, model: str | None) -> list[Paper
     ]
 
 
+def _pair(result: ConfigResult) -> tuple:
+    return (result.dataset, result.model, result.variant)
+
+
 def _pairs(results: Iterable[ConfigResult]) -> list[tuple]:
-    """Distinct (dataset, model) pairs in first-seen order (results are already sorted)."""
-    return list(dict.fromkeys((r.dataset, r.model) for r in results))
+    """Distinct (dataset, model, variant) groups in first-seen order (results are already sorted)."""
+    return list(dict.fromkeys(_pair(r) for r in results))
 
 
 def _pair_label(pair: tuple) -> str:
-    return f"{_text(pair[0])} / {_text(pair[1])}"
+    label = f"{_text(pair[0])} / {_text(pair[1])}"
+    return f"{label} [{pair[2]}]" if pair[2] else label
 
 
 def _grid(
@@ -502,8 +543,8 @@ def plot_heatmaps(results: Sequence[ConfigResult], baselines: Mapping, path: Pat
     pairs = _pairs(results)
     fig, axes = plt.subplots(len(pairs), 2, figsize=(12, 4.5 * len(pairs)), squeeze=False)
     for (acc_ax, gap_ax), pair in zip(axes, pairs, strict=True):
-        pair_results = [r for r in results if (r.dataset, r.model) == pair]
-        fp_acc = baselines.get(pair, (None, None))[0]
+        pair_results = [r for r in results if _pair(r) == pair]
+        fp_acc = baselines.get(pair[:2], (None, None))[0]
         fp_text = "" if fp_acc is None else f" (FP {fp_acc:.1f}%)"
         _draw_heatmap(fig, acc_ax, pair_results, "finetuned_acc", "viridis",
                       f"{_pair_label(pair)}: fine-tuned accuracy", "fine-tuned accuracy (%)")
@@ -633,18 +674,18 @@ def plot_accuracy_vs_size(results: Sequence[ConfigResult], baselines: Mapping, p
     all_series = []
     for index, pair in enumerate(_pairs(results)):
         color = colors[index % len(colors)]
-        pair_results = [r for r in results if (r.dataset, r.model) == pair]
+        pair_results = [r for r in results if _pair(r) == pair]
         label = _pair_label(pair)
         _plot_stage(ax, pair_results, "converted_acc", color, "s", False, f"{label}: converted")
         _plot_stage(ax, pair_results, "finetuned_acc", color, "o", True, f"{label}: fine-tuned")
         all_series.append(_finetuned_series(pair_results, color))
-        fp_acc, fp_kb = baselines.get(pair, (None, None))
+        fp_acc, fp_kb = baselines.get(pair[:2], (None, None))
         if fp_acc is not None:
             ax.axhline(fp_acc, color=color, linestyle="--", linewidth=1.2,
                        label=f"{label}: FP baseline ({fp_acc:.1f}%)")
             if fp_kb is not None:
                 ax.plot([fp_kb], [fp_acc], marker="*", markersize=14, color=color, linestyle="none")
-        paper_points = paper_reference_points(*pair)
+        paper_points = paper_reference_points(*pair[:2])
         if paper_points:
             all_series.append(_plot_paper_points(ax, paper_points))
     for series in all_series:

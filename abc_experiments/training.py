@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Metr
 
 
 def make_optimizer(parameters, cfg) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
+    if cfg.optimizer == "sgd":  # Nesterov momentum whenever momentum > 0
         return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
     return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -131,8 +131,9 @@ class StageTrainer:
 
     def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, *, device: torch.device,
                  checkpoint_dir: Path, writer, stop: StopRequest, ctx: DistributedContext | None = None,
-                 progress: bool = True, on_epoch_end=None):
+                 progress: bool = True, on_epoch_end=None, fingerprint: dict | None = None):
         self.stage, self.model, self.loaders, self.cfg = stage, model, loaders, cfg
+        self.fingerprint = fingerprint or {}  # the settings a resume must match
         self.device, self.writer, self.stop, self.progress = device, writer, stop, progress
         self.ctx = ctx or DistributedContext()
         self.net = self.ctx.wrap(model) or model  # what training steps run (DDP-wrapped under torchrun)
@@ -153,20 +154,25 @@ class StageTrainer:
             "stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "running": self.running,
-            "history": self.history, "best_val_acc": self.best_val_acc,
+            "history": self.history, "best_val_acc": self.best_val_acc, "config": self.fingerprint,
         }
 
     def save(self) -> None:
         if self.is_writer:
             atomic_save(self.state_dict(), self.last_path)
 
-    def resume(self) -> bool:
-        """Continue from ``<stage>_last.pt`` if it exists; returns whether it did."""
+    def resume(self) -> dict | None:
+        """Continue from ``<stage>_last.pt`` if it exists; returns where it resumed (or None)."""
         if not self.last_path.is_file():
-            return False
+            return None
         state = load_checkpoint(self.last_path, f"{self.stage} checkpoint")
         if state.get("stage") != self.stage:
             raise CheckpointError(f"{self.last_path} is not a {self.stage} checkpoint")
+        changed = _differences(state.get("config", {}), self.fingerprint)
+        if changed:
+            raise CheckpointError(
+                f"resume=true, but {self.last_path} was saved with other settings ({'; '.join(changed)}): "
+                "resume with the same overrides as the interrupted run, or start a new run dir")
         load_model_state(self.model, state, self.last_path, f"{self.stage} checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -176,7 +182,7 @@ class StageTrainer:
         self.history, self.best_val_acc = state["history"], state["best_val_acc"]
         log.info("%s: resuming at epoch %d, step %d from %s", self.stage, self.epoch + 1, self.step_in_epoch,
                  self.last_path)
-        return True
+        return {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step_in_epoch}
 
     # ---- training ----------------------------------------------------------------------------
     def _steps_this_epoch(self, loader: DataLoader) -> int:
@@ -202,7 +208,7 @@ class StageTrainer:
             logits = self.net(images)
             loss = F.cross_entropy(logits, labels)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            if self.ctx.any(not math.isfinite(loss_value)):  # every rank stops, none hangs in backward
                 bar.close()
                 raise NonFiniteLossError(
                     f"the {self.stage} loss became {loss_value} at epoch {self.epoch + 1}, step "
@@ -223,6 +229,7 @@ class StageTrainer:
                             acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
         bar.close()
         running = self.ctx.sum(self.running)
+        self.samples_seen = int(running[2].item())
         return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item())
 
     def fit(self) -> list[dict]:
@@ -230,7 +237,8 @@ class StageTrainer:
             lr = self.optimizer.param_groups[0]["lr"]
             train = self._train_epoch()
             val = evaluate(self.model, self.loaders["val"], self.device)
-            record = {"epoch": self.epoch + 1, "lr": lr, **train.as_dict("train_"), **val.as_dict("val_")}
+            record = {"epoch": self.epoch + 1, "lr": lr, "train_samples": self.samples_seen,
+                      **train.as_dict("train_"), **val.as_dict("val_")}
             self.history.append(record)
             if self.is_writer:
                 log_epoch(self.writer, record, record["epoch"])
@@ -248,6 +256,12 @@ class StageTrainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self)
         return self.history
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def log_epoch(writer, record: dict, step: int) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
+from abc_experiments.nn.activations import _Kernels, staircase
 
 
 def np_forward(r, v, beta):
@@ -57,7 +58,8 @@ def test_bases_are_exactly_plus_minus_one_and_initial_shifts_differ():
     assert ActivationBinarizer(1).shifts.tolist() == [0.0]
 
 
-def test_compiled_kernels_match_eager():
+def test_compiled_kernels_match_eager(monkeypatch):
+    monkeypatch.setattr(_Kernels, "compiled", None)  # compile afresh, and leave no fallback behind
     eager, compiled = ActivationBinarizer(3), ActivationBinarizer(3, kernel="compiled")
     compiled.load_state_dict(eager.state_dict())
     r = torch.rand(4, 8, 6, 6) * 2 - 0.5
@@ -70,6 +72,8 @@ def test_compiled_kernels_match_eager():
         out.pow(2).sum().backward()
         outputs.append(out.detach())
         grads.append((x.grad, act.shifts.grad, act.betas.grad))
+    if _Kernels.compiled[0] is staircase:
+        pytest.skip("torch.compile is unavailable here (no C++ compiler): the eager fallback ran")
     torch.testing.assert_close(outputs[0], outputs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ def write_config(job_dir: Path, dataset: str, model: str, m: int, n: int | None,
 
 
 def write_finished_job(job_dir: Path, m: int, n: int | None, seed: int,
-                       dataset: str = "digits", model: str = "seed_cnn") -> None:
+                       dataset: str = "digits", model: str = "seed_cnn", lr: float = 1e-3) -> None:
     write_config(job_dir, dataset, model, m, n, seed)
     fp_acc, acc = 97.0 + seed, finetuned_acc(m, n or 0, seed)
     summary = {
@@ -56,7 +56,8 @@ def write_finished_job(job_dir: Path, m: int, n: int | None, seed: int,
                     "binary_weights": 51200, "bits": 153696, "binary_macs": 1000}],
         "wall_time_s": {"pretrain": 10.0, "convert": 1.0, "finetune": 20.0, "total": 30.0 + seed},
         "run_dir": str(job_dir),
-        "config": {"dataset": {"name": dataset}, "model": {"name": model}},
+        "config": {"dataset": {"name": dataset}, "model": {"name": model}, "seed": seed,
+                   "abc": {"M": m, "N": n}, "finetune": {"lr": lr}, "run_dir": str(job_dir)},
     }
     (job_dir / "summary.json").write_text(json.dumps(summary))
 
@@ -128,7 +129,7 @@ def test_report_csv(sweep: Path) -> None:
     report.main([str(sweep)])
     rows = read_csv(sweep / "report.csv")
     assert list(rows[0]) == [
-        "dataset", "model", "M", "N", "n_seeds", "seeds",
+        "dataset", "model", "variant", "M", "N", "n_seeds", "seeds",
         "fp_acc_mean", "fp_acc_std", "converted_acc_mean", "converted_acc_std",
         "finetuned_acc_mean", "finetuned_acc_std", "gap_to_fp_mean", "gap_to_fp_std",
         "size_kb_mean", "size_kb_std", "compression_mean", "compression_std",
@@ -237,3 +238,14 @@ def test_module_entry_point(sweep: Path) -> None:
                              capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr
+
+
+def test_settings_that_vary_besides_seed_are_separate_rows(tmp_path):
+    """A sweep over finetune.lr must not be averaged as if its jobs were seeds of one config."""
+    for index, (lr, seed) in enumerate([(1e-3, 0), (1e-3, 1), (1e-2, 0)]):
+        write_finished_job(tmp_path / str(index), 3, 3, seed, lr=lr)
+    assert report.main([str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert sorted((r["variant"], r["n_seeds"]) for r in rows) == [("finetune.lr=0.001", "2"),
+                                                                   ("finetune.lr=0.01", "1")]
+    assert "| variant |" in (tmp_path / "report.md").read_text()

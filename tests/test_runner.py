@@ -16,6 +16,7 @@ from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import abc_experiments.pipeline as pipeline
+from abc_experiments.checkpoints import CheckpointError
 from abc_experiments.config import ConfigError, validate
 from abc_experiments.pipeline import run
 
@@ -100,6 +101,8 @@ def test_type_errors_are_rejected_when_composing(compose_cfg):
     ("dataset.name=svhn", "dataset='svhn' is not a valid choice"),
     ("finetune.lr=0", "finetune.lr=0.0 is out of range"),
     ("pretrain.epochs=0", "pretrain.epochs=0 skips FP training"),
+    ("model.pretrained=true", "model.pretrained and model.stem apply to resnet18 only"),
+    ("finetune.weight_decay=-1", "finetune.weight_decay=-1.0 is out of range"),
 ])
 def test_range_errors_are_config_errors_before_training(compose_cfg, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -183,6 +186,8 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(compose_cfg, tmp_path,
     resumed = read_summary_after(run, compose_cfg(settings + ["cache_dir=" + str(tmp_path / "c2"), "resume=true"],
                                                   run_dir=tmp_path / "int"), tmp_path / "int")
     assert resumed["status"] == "finished"
+    stage, step = ("pretrain", 5) if steps == 5 else ("finetune", 2)
+    assert resumed["resumed_from"] == [{"stage": stage, "epoch": 1, "step": step}]  # not a restart
     assert results(resumed) == results(reference)
     assert resumed["finetuned"]["history"] == reference["finetuned"]["history"]
 
@@ -233,3 +238,23 @@ def test_concurrent_launches_get_their_own_dirs_and_share_one_cache(tmp_path):
     sources = sorted(read_summary(d)["fp_source"].split()[0] for d in run_dirs)
     assert sources == ["cache", "trained"]
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 1
+
+
+def test_resume_with_other_settings_is_refused(compose_cfg, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(pipeline.TrainingInterrupted):
+        run(compose_cfg(TINY))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"saved with other settings \(pretrain.lr: 0.001 -> 0.01\)"):
+        run(compose_cfg(TINY + ["resume=true", "pretrain.lr=0.01"]))
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed"
+
+
+def test_long_override_lists_still_get_distinct_job_dirs():
+    from abc_experiments.config import _readable
+
+    long = "abc.exclude=[" + ",".join(f"layer{i}" for i in range(40)) + "]"
+    names = {_readable(f"{long},seed={seed}") for seed in (0, 1)}
+    assert len(names) == 2 and all(len(name) <= 120 for name in names)
+    assert _readable("abc.M=3,abc.N=5") == "abc.M=3,abc.N=5"

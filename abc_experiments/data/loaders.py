@@ -121,12 +121,9 @@ def build_loaders(
     """
     workers = default_num_workers(splits.name) if num_workers is None else num_workers
     eval_batch_size = eval_batch_size or batch_size
-    options = {
-        "num_workers": workers,
-        "persistent_workers": workers > 0,
-        "pin_memory": device.startswith("cuda"),
-        "drop_last": False,
-    }
+    # Workers persist for the loaders read every epoch (train, val), not for test and calib.
+    once = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "drop_last": False}
+    options = dict(once, persistent_workers=workers > 0)
     return {
         "train": _train_loader(splits.train, batch_size, seed, sampler_rank, sampler_world_size, **options),
         # Every loader has its own generator: starting an iterator then never draws from the global
@@ -134,9 +131,9 @@ def build_loaders(
         "val": DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False,
                           generator=_seeded_generator(seed), **options),
         "test": DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False,
-                           generator=_seeded_generator(seed), **options),
+                           generator=_seeded_generator(seed), **once),
         "calib": DataLoader(
             splits.calib, batch_size=eval_batch_size, shuffle=True, generator=_seeded_generator(seed),
-            **options,
+            **once,
         ),
     }

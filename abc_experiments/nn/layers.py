@@ -53,6 +53,7 @@ class ABCLayer(nn.Module):
             self.weight.copy_(source.weight)
             if source.bias is not None:
                 self.bias.copy_(source.bias)
+            self.weight_binarizer.alphas.zero_()  # forget the fit to the random init (adam starts afresh)
         self.weight_binarizer.refit(self.weight.detach())
         return self.train(source.training)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,6 @@ class ModelSummary:
     compression: float
     total_macs: int | None
     binary_mac_share: float | None  # share of the original MACs run as binary M·N convolutions
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -111,11 +111,10 @@ def fit_alphas(weight: Tensor, bases: Tensor, scope: str = "per_layer") -> Tenso
     orthogonal to every basis. Returns shape (M,) per layer and (M, C_out) per channel; no gradient.
     """
     with torch.no_grad():
-        w, b = _flatten(weight, bases, scope)
-        gram = torch.bmm(b, b.transpose(1, 2))  # (G, M, M), integer-valued
-        rhs = torch.bmm(b, w.unsqueeze(-1))  # (G, M, 1)
         solver = _solver_device(weight.device)
-        gram, rhs = gram.to(solver, torch.float64), rhs.to(solver, torch.float64)
+        w, b = (t.to(solver, torch.float64) for t in _flatten(weight, bases, scope))
+        gram = torch.bmm(b, b.transpose(1, 2))  # (G, M, M), exact integer counts in float64
+        rhs = torch.bmm(b, w.unsqueeze(-1))  # (G, M, 1)
         alphas = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ rhs
         alphas = alphas.squeeze(-1).to(weight.device, weight.dtype)  # (G, M)
         return alphas[0] if scope == "per_layer" else alphas.t().contiguous()
@@ -270,9 +269,10 @@ class WeightBinarizer(nn.Module):
         return self._cache
 
     def forward(self, weight: Tensor) -> Tensor:
+        bases = self.refit(weight) if self.training else None  # refit first: it updates the alphas
         alphas = _expand_alphas(self.alphas, weight)
-        if self.training:
-            approximation = (alphas * self.refit(weight)).sum(dim=0)
+        if bases is not None:
+            approximation = (alphas * bases).sum(dim=0)
         else:
             approximation = self._frozen_approximation(weight, alphas)
         # STE: zero in value, gradient (Σ αₘ) ∂c/∂Ŵ to W (and αₘ·std·∂c/∂Ŵ to uₘ).
