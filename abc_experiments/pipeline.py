@@ -25,14 +25,12 @@ from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
 from .nn import abc_layers, calibrate, convert, summary
+from .settings import flat_settings
 from .training import StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
 from .tb import Boards
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
-# Settings that say where or how to run, not what results to expect (resume may change them).
-RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir", "data.root", "data.download",
-                           "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,19 +105,8 @@ class Experiment:
         return trainer
 
     def fingerprint(self) -> dict:
-        """Everything that determines the results, flattened: what a resume must match. Leaves
-        out what only says where or how to run (paths, device, resume, progress, workers)."""
-        flat = {}
-
-        def walk(node, prefix=""):
-            for key, value in node.items():
-                name = f"{prefix}{key}"
-                if isinstance(value, dict):
-                    walk(value, name + ".")
-                elif name not in RUN_ONLY_KEYS:
-                    flat[name] = value
-        walk(self.summary["config"])
-        return flat
+        """The settings that determine the results: what a resume must match."""
+        return flat_settings(self.summary["config"])
 
     def _timed(self, stage: str, started: float) -> None:
         self.summary["wall_time_s"][stage] = round(time.perf_counter() - started, 3)

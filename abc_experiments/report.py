@@ -34,6 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from .settings import RUN_ONLY_KEYS, flat_settings  # noqa: E402
+
 PROG = "abc-report"
 SUMMARY_FILE = "summary.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
@@ -72,10 +74,8 @@ PAPER_ABC_TOP1 = {
 # 32 bits (full precision) or M bits (M binary bases); scales and full-precision layers are ignored.
 RESNET18_PARAMS = 11_689_512
 BYTES_PER_KB = 1000  # as in summary.json (abc_experiments.nn.summary)
-# Config keys that say where or how a job ran, or that every row shows anyway: never a variant.
-NOT_VARIANT_KEYS = frozenset({"seed", "resume", "progress", "device", "run_dir", "cache_dir", "data.root",
-                              "data.download", "data.num_workers", "pretrain.reuse", "dataset.name",
-                              "model.name", "abc.M", "abc.N"})
+# Keys that say where or how a job ran, or that every row shows anyway: never part of a variant.
+NOT_VARIANT_KEYS = RUN_ONLY_KEYS | {"seed", "dataset.name", "model.name", "abc.M", "abc.N"}
 
 
 @dataclass(frozen=True)
@@ -99,17 +99,8 @@ class Job:
 
     def settings(self) -> dict:
         """The job's resolved config, flattened, without the keys that cannot define a variant."""
-        flat: dict = {}
-
-        def walk(node, prefix=""):
-            for key, value in node.items():
-                if isinstance(value, Mapping):
-                    walk(value, f"{prefix}{key}.")
-                elif f"{prefix}{key}" not in NOT_VARIANT_KEYS:
-                    flat[f"{prefix}{key}"] = value
         config = self.summary.get("config")
-        walk(config if isinstance(config, Mapping) else {})
-        return flat
+        return flat_settings(config if isinstance(config, Mapping) else {}, NOT_VARIANT_KEYS)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""Which config keys define an experiment's results, as flat ``dotted.key -> value`` settings.
+
+Shared by the runner (a resume must match the interrupted run's settings) and ``abc-report``
+(jobs that differ in a setting other than the seed are different configurations). No torch or
+Hydra import, so abc-report stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Keys that say where or how a run happens, not what it computes: a resume may change them.
+RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir", "data.root", "data.download",
+                           "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
+
+
+def flat_settings(config: Mapping, skip: frozenset[str] = RUN_ONLY_KEYS) -> dict:
+    """``config`` flattened to ``{"abc.M": 3, ...}`` without the keys in ``skip``."""
+    flat: dict = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(value, name + ".")
+            elif name not in skip:
+                flat[name] = value
+
+    walk(config, "")
+    return flat
