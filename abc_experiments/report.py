@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before this import)
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
@@ -518,11 +519,13 @@ def _draw_heatmap(fig, ax, results: Sequence[ConfigResult], column: str, cmap: s
     ax.set_ylabel("M (weight bases)", fontsize=11)
     ax.set_title(title, fontsize=12)
     font_size = max(7, 13 - max(len(ms), len(ns)))
+    finite = means[np.isfinite(means)]
+    decimals = 2 if finite.size and np.ptp(finite) < 1 else 1  # close results still read apart
     for i, j in np.ndindex(means.shape):
         if np.isnan(means[i, j]):
             ax.text(j, i, "not run", ha="center", va="center", fontsize=font_size, color="#555555")
             continue
-        text = f"{means[i, j]:.1f}" + ("" if np.isnan(stds[i, j]) else f"\n±{stds[i, j]:.1f}")
+        text = f"{means[i, j]:.{decimals}f}" + ("" if np.isnan(stds[i, j]) else f"\n±{stds[i, j]:.{decimals}f}")
         red, green, blue, _ = colormap(image.norm(means[i, j]))
         dark_cell = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
         ax.text(j, i, text, ha="center", va="center", fontsize=font_size,
@@ -681,8 +684,15 @@ def plot_accuracy_vs_size(results: Sequence[ConfigResult], baselines: Mapping, p
             all_series.append(_plot_paper_points(ax, paper_points))
     for series in all_series:
         _plot_series_lines(ax, series)
-    ax.set_xscale("log")
-    ax.set_xlabel("model size (kB, log scale; ★ = full-precision model)", fontsize=11)
+    low, high = ax.get_xlim()
+    wide = low > 0 and high / low >= 10  # a log axis only pays off over a decade or more
+    ax.set_xscale("log" if wide else "linear")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if not wide:
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(6))
+    scale = "log scale; " if wide else ""
+    ax.set_xlabel(f"model size (kB, {scale}★ = full-precision model)", fontsize=11)
     ax.set_ylabel("accuracy (%)", fontsize=11)
     ax.set_title("ABC-Net sweep: accuracy vs model size (mean over seeds, bars = sample std;\n"
                  "lines join fine-tuned points of equal N)", fontsize=12)
