@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,6 +27,9 @@ from .pipeline import run
 from .training import NonFiniteLossError, TrainingInterrupted
 
 log = logging.getLogger("abc-run")
+# conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's config of that name
+# (it keeps every key of the plugin's schema and adds GPU settings); Hydra warns about the match.
+warnings.filterwarnings("ignore", message=".*submitit_slurm' is validated against ConfigStore schema")
 
 USER_ERRORS = (ConfigError, DatasetUnavailableError, PretrainedWeightsUnavailableError, CheckpointError,
                NonFiniteLossError)
