@@ -29,7 +29,7 @@ from .training import NonFiniteLossError, TrainingInterrupted
 log = logging.getLogger("abc-run")
 # conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's config of that name
 # (it keeps every key of the plugin's schema and adds GPU settings); Hydra warns about the match.
-warnings.filterwarnings("ignore", message=".*submitit_slurm' is validated against ConfigStore schema")
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
 
 USER_ERRORS = (ConfigError, DatasetUnavailableError, PretrainedWeightsUnavailableError, CheckpointError,
                NonFiniteLossError)
