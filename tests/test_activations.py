@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
+from abc_experiments.nn import activations
 from abc_experiments.nn.activations import _Kernels, staircase
 
 
@@ -30,8 +31,11 @@ def make_input(n=4000, seed=0):
     return torch.cat([r, torch.tensor([-0.25, 0.25, 0.75, 0.0], dtype=torch.float64)]).view(2, -1)
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])  # 1000: the blocked CPU kernel, over several blocks
 @pytest.mark.parametrize("N", [1, 2, 3, 5])
-def test_forward_and_ste_gradients_match_numpy(N):
+def test_forward_and_ste_gradients_match_numpy(N, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(activations, "CHUNK", chunk)
     act = ActivationBinarizer(N).double()
     with torch.no_grad():
         act.shifts.copy_(torch.linspace(-0.5, 0.5, N) if N > 1 else torch.tensor([0.25]))

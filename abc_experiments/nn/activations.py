@@ -54,6 +54,41 @@ def staircase_grad(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tensor) -> tu
     return grad_x, torch.stack(grad_shifts), torch.stack(grad_betas)
 
 
+CHUNK = 1 << 18  # elements per block of the eager CPU kernels: 1 MiB of float32 stays in cache
+
+
+def _blocks(*tensors: Tensor):
+    """Flat contiguous views of ``tensors`` cut into matching blocks of CHUNK elements."""
+    flat = [t.contiguous().view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield [t[start:start + CHUNK] for t in flat]
+
+
+def staircase_blocked(x: Tensor, shifts: Tensor, betas: Tensor) -> Tensor:
+    """:func:`staircase` one cache-sized block at a time on the CPU, where the N passes over a
+    large activation are bound by memory bandwidth (about 2x faster; the same values)."""
+    if x.device.type != "cpu" or x.numel() <= CHUNK:
+        return staircase(x, shifts, betas)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    for x_block, out_block in _blocks(x, out):
+        out_block.copy_(staircase(x_block, shifts, betas))
+    return out
+
+
+def staircase_grad_blocked(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tensor):
+    """:func:`staircase_grad` block by block on the CPU (see :func:`staircase_blocked`)."""
+    if x.device.type != "cpu" or x.numel() <= CHUNK:
+        return staircase_grad(x, grad, shifts, betas)
+    grad_x = torch.empty(x.shape, dtype=x.dtype)
+    grad_shifts, grad_betas = torch.zeros_like(shifts), torch.zeros_like(betas)
+    for x_block, grad_block, out_block in _blocks(x, grad, grad_x):
+        block_x, block_shifts, block_betas = staircase_grad(x_block, grad_block, shifts, betas)
+        out_block.copy_(block_x)
+        grad_shifts += block_shifts
+        grad_betas += block_betas
+    return grad_x, grad_shifts, grad_betas
+
+
 class _Kernels:
     """The forward and backward functions, eager or compiled with ``torch.compile`` (fused into one
     pass over the activation each, about 5× faster on CPU; the first call compiles, ~30 s)."""
@@ -63,7 +98,7 @@ class _Kernels:
     @classmethod
     def get(cls, kernel: str):
         if kernel == "eager":
-            return staircase, staircase_grad
+            return staircase_blocked, staircase_grad_blocked
         if cls.compiled is None:
             cls.compiled = (torch.compile(staircase, dynamic=True), torch.compile(staircase_grad, dynamic=True))
         return cls.compiled
