@@ -24,13 +24,14 @@ from .checkpoints import PretrainCache, atomic_write_text, load_checkpoint, load
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
-from .nn import abc_layers, calibrate, convert, summary
+from .nn import calibrate, convert, summary
 from .settings import flat_settings
-from .training import StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
+from .training import Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
 from .tb import Boards
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
+PRETRAIN_GROUPS = ("dataset", "model", "pretrain", "seed")  # config groups the FP model depends on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,8 +90,10 @@ class Experiment:
         return build_model(self.cfg.model.name, splits.in_channels, splits.image_size, splits.num_classes,
                            **options).to(self.device)
 
-    def _evaluate(self, model: nn.Module, loaders: dict) -> dict:
-        val, test = evaluate(model, loaders["val"], self.device), evaluate(model, loaders["test"], self.device)
+    def _evaluate(self, model: nn.Module, loaders: dict, val: Metrics | None = None) -> dict:
+        """Test and validation metrics; ``val`` when they are already known (no second pass)."""
+        val = val or evaluate(model, loaders["val"], self.device)
+        test = evaluate(model, loaders["test"], self.device)
         return {"acc": test.acc, "loss": test.loss, "val_acc": val.acc, "val_loss": val.loss}
 
     def _trainer(self, stage: str, model: nn.Module, loaders: dict, stage_cfg, board, on_epoch_end=None):
@@ -125,12 +128,12 @@ class Experiment:
             return f"checkpoint {path}"
         if cfg.epochs == 0:
             return "pretrained weights (pretrain.epochs=0)"
-        settings = {"dataset": self.cfg.dataset.name, "model": to_container(self.cfg.model),
-                    "val_fraction": self.cfg.data.val_fraction, "seed": self.cfg.seed, "version": CACHE_VERSION,
-                    "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
-                             "classes": splits.num_classes},
-                    "world_size": self.ctx.world_size,
-                    "pretrain": {k: v for k, v in to_container(cfg).items() if k not in ("checkpoint", "reuse")}}
+        # Everything that determines the pretrained weights: the settings of these groups (run-only
+        # keys such as pretrain.reuse excluded), the split sizes, and the number of processes.
+        settings = {key: value for key, value in self.fingerprint().items()
+                    if key.split(".")[0] in PRETRAIN_GROUPS or key == "data.val_fraction"}
+        settings.update(version=CACHE_VERSION, world_size=self.ctx.world_size,
+                        split_sizes=[len(splits.train), len(splits.val), len(splits.test), splits.num_classes])
         cache = PretrainCache(Path(self.cfg.cache_dir).absolute(), f"{self.cfg.model.name}-{self.cfg.dataset.name}",
                               settings)
         self.summary["pretrain_cache"] = str(cache.path)
@@ -163,7 +166,7 @@ class Experiment:
             state = load_checkpoint(trainer.best_path, f"{trainer.stage} best checkpoint")
             load_model_state(model, state, trainer.best_path, f"{trainer.stage} best checkpoint")
 
-    def convert_and_calibrate(self, model: nn.Module, splits, loaders: dict) -> dict:
+    def convert_and_calibrate(self, model: nn.Module, loaders: dict) -> dict:
         cfg = self.cfg.abc
         _seed(self.cfg.seed, "convert")
         try:
@@ -209,7 +212,7 @@ class Experiment:
 
             t = time.perf_counter()
             abc_model = copy.deepcopy(fp_model)
-            self.summary["conversion"] = self.convert_and_calibrate(abc_model, splits, loaders)
+            self.summary["conversion"] = self.convert_and_calibrate(abc_model, loaders)
             self.summary["converted"] = self._evaluate(abc_model, loaders)
             self._timed("convert", t)
             log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, self.summary["converted"]["acc"])
@@ -246,7 +249,7 @@ class Experiment:
         self._load_best(model, trainer)
         last = trainer.history[-1]
         best = max(trainer.history, key=lambda record: record["val_acc"])
-        result = self._evaluate(model, loaders)
+        result = self._evaluate(model, loaders, val=Metrics(loss=best["val_loss"], acc=best["val_acc"]))
         result.update(best_epoch=best["epoch"], last_val_acc=last["val_acc"], last_val_loss=last["val_loss"],
                       history=trainer.history)
         return result

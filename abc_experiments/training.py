@@ -186,8 +186,8 @@ class StageTrainer:
 
     # ---- training ----------------------------------------------------------------------------
     def _steps_this_epoch(self, loader: DataLoader) -> int:
-        limit = self.cfg.steps_per_epoch
-        return len(loader) + self.step_in_epoch if limit is None else min(limit, len(loader) + self.step_in_epoch)
+        steps = len(loader) + self.step_in_epoch  # len() counts the batches left after a mid-epoch start
+        return steps if self.cfg.steps_per_epoch is None else min(self.cfg.steps_per_epoch, steps)
 
     def _train_epoch(self) -> Metrics:
         loader = self.loaders["train"]
@@ -207,7 +207,8 @@ class StageTrainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             logits = self.net(images)
             loss = F.cross_entropy(logits, labels)
-            loss_value = loss.item()
+            hits = (logits.argmax(1) == labels).sum()
+            loss_value, correct = torch.stack([loss.detach().float(), hits.float()]).tolist()  # one device sync
             if self.ctx.any(not math.isfinite(loss_value)):  # every rank stops, none hangs in backward
                 bar.close()
                 raise NonFiniteLossError(
@@ -218,8 +219,7 @@ class StageTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.running += torch.tensor([loss_value * labels.numel(), (logits.argmax(1) == labels).sum().item(),
-                                          labels.numel()], dtype=torch.float64)
+            self.running += torch.tensor([loss_value * labels.numel(), correct, labels.numel()], dtype=torch.float64)
             self.step_in_epoch += 1
             self.global_step += 1
             if self.is_writer:

@@ -34,10 +34,15 @@ def compose_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
-def run_cli(args, cwd, timeout=300, env=None):
-    """``abc-run ARGS`` in a subprocess (the console script installed next to this Python)."""
+def cli_command() -> list[str]:
+    """How to start ``abc-run``: the console script installed next to this Python, if there."""
     script = Path(sys.executable).parent / "abc-run"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    """``abc-run ARGS`` in a subprocess."""
+    command = cli_command()
     environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     environment.update(env or {})
     return subprocess.run(command + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,

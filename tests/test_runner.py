@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, cli_command, run_cli
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -193,8 +192,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(compose_cfg, tmp_path,
 
 
 def test_cli_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    script = Path(sys.executable).parent / "abc-run"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+    command = cli_command()
     run_dir = tmp_path / "run"
     process = subprocess.Popen(command + TINY + ["pretrain.epochs=200", "pretrain.batch_size=8",
                                                  f"hydra.run.dir={run_dir}"],
@@ -227,8 +225,7 @@ def test_multirun_pretrains_once_for_all_jobs(tmp_path):
 
 
 def test_concurrent_launches_get_their_own_dirs_and_share_one_cache(tmp_path):
-    script = Path(sys.executable).parent / "abc-run"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
+    command = cli_command()
     processes = [subprocess.Popen(command + TINY + [f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in processes]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ActivationBinarizer
-from .weights import WeightBinarizer, check_count, combine, relative_error
+from .weights import WeightBinarizer, check_count, relative_error
 
 IMPLS = ("fused", "naive")
 
@@ -45,16 +45,17 @@ class ABCLayer(nn.Module):
         self.activation_binarizer = (
             ActivationBinarizer(N, kernel=kernel).to(self.weight.device) if N > 0 else nn.Identity()
         )
-        self.weight_binarizer.refit(self.weight.detach())
+        # No alpha fit here: a training forward fits them, and so does the switch to eval().
 
     def _take_trained(self, source: nn.Module):
-        """Copy ``source``'s trained weight and bias, fit the alphas, match its train/eval mode."""
+        """Copy ``source``'s trained weight and bias and match its train/eval mode; the alphas are
+        fitted once, to the trained weight (by ``eval()`` for an eval-mode source)."""
         with torch.no_grad():
             self.weight.copy_(source.weight)
             if source.bias is not None:
                 self.bias.copy_(source.bias)
-            self.weight_binarizer.alphas.zero_()  # forget the fit to the random init (adam starts afresh)
-        self.weight_binarizer.refit(self.weight.detach())
+        if source.training:
+            self.weight_binarizer.refit(self.weight.detach())
         return self.train(source.training)
 
     def _linear_op(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -101,17 +102,16 @@ class ABCLayer(nn.Module):
             self.bias_added = True  # not part of the original model (see summary())
         self.bias.add_(shift)
 
-    @torch.no_grad()
     def approximated_weight(self) -> Tensor:
         """Σₘ αₘBₘ with the stored alphas."""
-        return combine(self.weight_binarizer.alphas, self.weight_binarizer.compute_bases(self.weight))
+        return self.weight_binarizer.approximation(self.weight.detach())
 
     def weight_error(self) -> float:
         """Relative weight approximation error ‖W − Σ αB‖ / ‖W‖."""
         return relative_error(self.weight.detach(), self.approximated_weight())
 
     def activation_error(self) -> float | None:
-        """‖R − ΣβA‖ / ‖R‖ from the last calibration; None if uncalibrated or N = 0."""
+        """‖R − c − ΣβA‖ / ‖R‖ from the last calibration; None if uncalibrated or N = 0."""
         if self.N == 0:
             return None
         error = self.activation_binarizer.calibration_error.item()

@@ -87,7 +87,7 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
     convolutions); totals: size in kB (1 kB = 1000 bytes) at 32 bit vs ABC, compression ratio,
     share of MACs that are binary. MAC counts need ``example_input`` (one batch is enough)."""
     macs = _count_macs(model, example_input) if example_input is not None else None
-    layers, abc_params = [], set()
+    layers, abc_params, converted_weights = [], set(), set()
     for name, layer in model.named_modules():
         if not isinstance(layer, ABCLayer):
             continue
@@ -100,11 +100,11 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
             binary_weights=layer.weight.numel(), bits=bits, macs=layer_macs,
             binary_macs=None if layer_macs is None else layer.M * layer.N * layer_macs,
         ))
+        converted_weights.add(id(layer.weight))
         abc_params.update(id(p) for p in layer.weight_binarizer.parameters())
         if getattr(layer, "bias_added", False):
             abc_params.add(id(layer.bias))
         abc_params.update(id(p) for p in layer.activation_binarizer.parameters())
-    converted_weights = {id(layer.weight) for _, layer in model.named_modules() if isinstance(layer, ABCLayer)}
     original = [p for p in model.parameters() if id(p) not in abc_params]
     fp_bits = BITS_FP * sum(p.numel() for p in original)
     abc_bits = BITS_FP * sum(p.numel() for p in model.parameters() if id(p) not in converted_weights)

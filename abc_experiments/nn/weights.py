@@ -231,12 +231,16 @@ class WeightBinarizer(nn.Module):
 
     def refit(self, weight: Tensor) -> Tensor:
         """Recompute the bases and their alphas from ``weight``, store the alphas, return the bases."""
-        bases = self.compute_bases(weight)
         with torch.no_grad():
+            if self.bases_scheme == "residual":
+                bases, alphas = residual_bases(weight, self.M, self.scope)  # already least squares
+            else:
+                bases = self.compute_bases(weight)
+                alphas = None
             if self.alpha_fit == "adam":
                 init = self.alphas if bool(self.alphas.any()) else None
                 alphas = fit_alphas_adam(weight, bases, self.scope, self.adam_steps, init=init)
-            else:
+            elif alphas is None:
                 alphas = fit_alphas(weight, bases, self.scope)
             self.alphas.copy_(alphas)
         return bases
@@ -259,22 +263,21 @@ class WeightBinarizer(nn.Module):
         shift_carrier = self._shift_carrier(weight)
         return (bases if shift_carrier is None else bases + shift_carrier), self.alphas
 
-    def _frozen_approximation(self, weight: Tensor, alphas: Tensor) -> Tensor:
-        """Σ αₘBₘ in eval mode, cached until W, the alphas or the shifts change (tensor versions)."""
+    def approximation(self, weight: Tensor) -> Tensor:
+        """Σ αₘBₘ with the stored alphas, no gradient; cached until W, the alphas or the shifts
+        change (their tensor versions), so eval passes do not rebuild the bases."""
         key = (weight.data_ptr(), weight._version, self.alphas._version, self.shifts._version)
         if getattr(self, "_cache_key", None) != key:
-            with torch.no_grad():
-                self._cache = (alphas * self.compute_bases(weight)).sum(dim=0)
+            self._cache = combine(self.alphas, self.compute_bases(weight))
             self._cache_key = key
         return self._cache
 
     def forward(self, weight: Tensor) -> Tensor:
-        bases = self.refit(weight) if self.training else None  # refit first: it updates the alphas
-        alphas = _expand_alphas(self.alphas, weight)
-        if bases is not None:
-            approximation = (alphas * bases).sum(dim=0)
+        if self.training:
+            approximation = combine(self.alphas, self.refit(weight))  # refit updates the alphas first
         else:
-            approximation = self._frozen_approximation(weight, alphas)
+            approximation = self.approximation(weight)
+        alphas = _expand_alphas(self.alphas, weight)
         # STE: zero in value, gradient (Σ αₘ) ∂c/∂Ŵ to W (and αₘ·std·∂c/∂Ŵ to uₘ).
         approximation = approximation + alphas.sum(dim=0) * (weight - weight.detach())
         shift_carrier = self._shift_carrier(weight)
