@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from torch import nn
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+class ResumeRefusedError(CheckpointError):
+    """``resume=true`` with settings other than those of the run being resumed."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -45,14 +50,29 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
         raise CheckpointError(f"{what} {path} does not exist: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, wrong format, pickled code...
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # not a refused pickle: a damaged file
+            raise CheckpointError(f"{what} {path} is not a readable torch checkpoint ({_first_sentence(error)}): "
+                                  "it is corrupt or another format; delete it or point to another file") from None
         raise CheckpointError(
-            f"{what} {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): "
-            "it is corrupt or not a torch checkpoint; delete it or point to another file"
+            f"{what} {path} is not a safe weights-only checkpoint: it holds pickled Python objects, which "
+            "are never loaded here because unpickling can run arbitrary code. Re-save it as tensors only, "
+            "e.g. torch.save(model.state_dict(), path), or point to another file"
+        ) from None
+    except Exception as error:  # truncated zip, wrong format, ...
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch checkpoint ({type(error).__name__}: "
+            f"{_first_sentence(error)}): it is corrupt or another format; delete it or point to another file"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def _first_sentence(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_model_state(model: nn.Module, state: dict, path: Path | str, what: str = "checkpoint") -> None:

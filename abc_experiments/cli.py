@@ -1,30 +1,42 @@
 """``abc-run``: the Hydra entry point. It only wraps :func:`abc_experiments.pipeline.run`.
 
-User errors (bad config values, missing data, unusable checkpoints, a NaN loss) end with one
+User errors (bad config values, missing data, unusable checkpoints, a diverged loss) end with one
 message and exit status 1, without a traceback; Ctrl-C / SIGTERM saves a checkpoint and exits
-with 130 after saying how to resume. In a multirun, a failing job is logged and recorded in its
-``summary.json`` and the sweep goes on with the next job.
+with 130 after printing the command that resumes. In a multirun, a failing job is logged and
+recorded in its ``summary.json`` and the sweep goes on; at the end a table of every job and the
+``abc-report`` command are printed, and the exit status is 1 if any job failed.
+
+:class:`RunCallbacks` (a Hydra callback, ``conf/hydra/default.yaml``) does what must happen
+outside a job: refusing a mismatched resume before Hydra writes into the run dir, and the
+sweep's closing table.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config  # noqa: F401  (registers the schema and the run-dir resolvers)
 from .checkpoints import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, to_container
 from .data import DatasetUnavailableError
 from .models import PretrainedWeightsUnavailableError
-from .pipeline import run
-from .training import NonFiniteLossError, TrainingInterrupted
+from .pipeline import refuse_resume_message, resume_conflicts, run
+from .results import FINISHED, SUMMARY_FILE, RunSummary
+from .rundirs import override_arg
+from .settings import flat_settings
+from .training import TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger("abc-run")
 # conf/hydra/launcher/submitit_slurm.yaml deliberately shadows the plugin's config of that name
@@ -32,11 +44,31 @@ log = logging.getLogger("abc-run")
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
 
 USER_ERRORS = (ConfigError, DatasetUnavailableError, PretrainedWeightsUnavailableError, CheckpointError,
-               NonFiniteLossError)
+               TrainingDiverged)
+# Files Hydra itself writes into a run dir before a job starts.
+HYDRA_FILES = (".hydra", "abc-run.log", "cli.log")
 
 
 def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def resume_command(run_dir: str | Path) -> str:
+    """The command that resumes the run in ``run_dir``: this run's overrides, each quoted so that
+    it pastes into a shell and parses in Hydra whatever the path holds (``=``, ``,``, spaces)."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("hydra.run.dir", "resume")]
+    words = ["abc-run", *(shlex.quote(o) for o in kept), override_arg("hydra.run.dir", run_dir), "resume=true"]
+    return " ".join(words)
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A run that failed before writing anything of its own leaves no run dir behind (Hydra made
+    it, and its config and log only repeat what the command line said)."""
+    if RunCallbacks.run_dir_existed is not False or not run_dir.is_dir():
+        return
+    if all(entry.name in HYDRA_FILES for entry in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -50,16 +82,70 @@ def run_job(cfg: DictConfig) -> float:
         log.error("%s", error)
         if multirun:
             return float("nan")
+        _remove_if_untouched(Path(cfg.run_dir))
         sys.exit(1)
     except (TrainingInterrupted, KeyboardInterrupt) as error:
-        log.warning("%s\nresume with the same command plus: hydra.run.dir=%s resume=true",
-                    error or "interrupted", cfg.run_dir)
+        log.warning("%s\nresume with:\n  %s", error or "interrupted", resume_command(cfg.run_dir))
         sys.exit(130)
     except Exception:
         if not multirun:
             raise
         log.exception("job failed (recorded in %s/summary.json); the sweep continues", cfg.run_dir)
         return float("nan")
+
+
+def _task_settings(config: DictConfig, run_dir: str) -> dict:
+    """The flat settings of the job that ``config`` (with its ``hydra`` node) describes."""
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    task.run_dir = run_dir  # "${hydra:runtime.output_dir}" resolves only inside a job
+    return flat_settings(to_container(task))
+
+
+def sweep_report(sweep_dir: Path) -> tuple[str, int]:
+    """One line per job of a finished sweep and the number of jobs that did not finish."""
+    jobs = sorted(path.parent.parent for path in sweep_dir.glob(f"*/.hydra/config.yaml"))
+    lines = [f"{'job':<40} {'status':<11} {'fp':>7} {'conv':>7} {'finetuned':>9}"]
+    failed = 0
+    for job in jobs:
+        try:
+            summary = RunSummary.read(job / SUMMARY_FILE)
+            status = summary.effective_status()
+        except (OSError, ValueError):
+            summary, status = None, "no summary"
+        failed += status != FINISHED
+        accs = [getattr(getattr(summary, stage, None), "acc", None) for stage in ("fp", "converted", "finetuned")]
+        cells = ["-" if acc is None else f"{acc:.2f}" for acc in accs]
+        lines.append(f"{job.name[:40]:<40} {status:<11} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9}")
+    return "\n".join(lines), failed
+
+
+class RunCallbacks(Callback):
+    """Hydra callbacks of ``abc-run`` (configured in ``conf/hydra/default.yaml``)."""
+
+    run_dir_existed: bool | None = None  # whether the single run's dir was there before this launch
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        RunCallbacks.run_dir_existed = run_dir.exists()
+        if not config.get("resume"):
+            return
+        changed = resume_conflicts(run_dir, _task_settings(config, str(run_dir)))
+        if changed:  # refuse before Hydra writes its config and log into the run dir
+            print(f"[abc-run][ERROR] - {refuse_resume_message(run_dir, changed)}", file=sys.stderr)
+            sys.exit(1)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        if not sweep_dir.is_dir():
+            return
+        table, failed = sweep_report(sweep_dir)
+        report = f"abc-report {shlex.quote(str(sweep_dir))}"
+        total = table.count("\n")
+        print(f"\n{table}\n\nfull report: {report}")
+        if failed:
+            print(f"abc-run: {failed} of {total} job(s) failed (see each job's summary.json and log)", file=sys.stderr)
+            sys.exit(1)
+        print(f"abc-run: all {total} job(s) finished")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://abc_experiments.conf", config_name="config")

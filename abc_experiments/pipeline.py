@@ -8,7 +8,7 @@ sweeper maximises); ``abc_experiments.cli`` only wraps it. Everything goes to ``
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -20,14 +20,17 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import distributed
-from .checkpoints import PretrainCache, atomic_write_text, load_checkpoint, load_model_state
+from .checkpoints import CheckpointError, PretrainCache, ResumeRefusedError, load_checkpoint, load_model_state
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
-from .nn import calibrate, convert, summary
-from .settings import flat_settings
-from .training import Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
+from .nn import NothingToConvertError, calibrate, convert, plan_conversion
+from .nn import summary as model_summary
+from .results import (FAILED, FINISHED, INTERRUPTED, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
+                      StageResult)
+from .settings import flat_settings, setting_differences
 from .tb import Boards
+from .training import Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
@@ -54,8 +57,24 @@ def _seed(seed: int, stage: str) -> None:
     torch.manual_seed(seed * 1000 + {"init": 0, "pretrain": 1, "convert": 2, "finetune": 3}[stage])
 
 
+def resume_conflicts(run_dir: Path, settings: dict) -> list[str]:
+    """``key: saved -> current`` for every setting in which ``settings`` (flat, as
+    :func:`abc_experiments.settings.flat_settings` gives) differ from the run in ``run_dir``;
+    empty when there is no readable earlier summary to compare with."""
+    try:
+        earlier = RunSummary.read(Path(run_dir) / SUMMARY_FILE)
+    except (OSError, ValueError):
+        return []
+    return setting_differences(flat_settings(earlier.config), settings) if earlier.config else []
+
+
+def refuse_resume_message(run_dir: Path, changed: list[str]) -> str:
+    return (f"resume=true, but {run_dir} was run with other settings ({'; '.join(changed)}): resume with "
+            "the same overrides as the interrupted run, or start a new run dir. Nothing was changed.")
+
+
 class Experiment:
-    """One run of the pipeline; :meth:`run` returns the summary dict."""
+    """One run of the pipeline; :meth:`run` returns the :class:`RunSummary`."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -64,19 +83,14 @@ class Experiment:
         self.ctx = distributed.context(cfg.device)
         self.resume = cfg.resume or requeued()
         self.stop = StopRequest()
-        previous = self.run_dir / "summary.json"
-        try:
-            earlier = json.loads(previous.read_text()) if self.resume and previous.is_file() else {}
-        except ValueError:  # a summary cut short: the stages will fill it in again
-            earlier = {}
-        self.summary: dict = {
-            **{k: v for k, v in earlier.items() if k in ("fp", "converted", "finetuned", "fp_source")},
-            "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name, "seed": cfg.seed,
-            "experiment": cfg.experiment, "abc": {"M": cfg.abc.M, "N": cfg.abc.N or 0, "scope": cfg.abc.scope},
-            "run_dir": str(self.run_dir), "world_size": self.ctx.world_size, "wall_time_s": {},
-            "config": to_container(cfg),
-        }
+        self.summary = RunSummary(
+            dataset=str(cfg.dataset.name), model=str(cfg.model.name), seed=cfg.seed,
+            abc=ABCSetting(M=cfg.abc.M, N=cfg.abc.N or 0, scope=str(cfg.abc.scope)), run_dir=str(self.run_dir),
+            experiment=cfg.experiment, world_size=self.ctx.world_size, precision=str(cfg.precision),
+            config=to_container(cfg),
+        )
         self.boards = None
+        self.writing = False  # set once the run dir is written to (a refused start leaves it alone)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _loaders(self, splits, stage_cfg) -> dict:
@@ -85,38 +99,77 @@ class Experiment:
                              sampler_rank=self.ctx.rank, sampler_world_size=self.ctx.world_size)
 
     def _build_model(self, splits) -> nn.Module:
-        options = {"pretrained": self.cfg.model.pretrained, "stem": self.cfg.model.stem} \
-            if self.cfg.model.name == "resnet18" else {}
-        return build_model(self.cfg.model.name, splits.in_channels, splits.image_size, splits.num_classes,
-                           **options).to(self.device)
+        try:
+            model = build_model(str(self.cfg.model.name), splits.in_channels, splits.image_size, splits.num_classes,
+                                **self.cfg.model.options)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
-    def _evaluate(self, model: nn.Module, loaders: dict, val: Metrics | None = None) -> dict:
+    def _evaluate(self, model: nn.Module, loaders: dict, val: Metrics | None = None) -> StageResult:
         """Test and validation metrics; ``val`` when they are already known (no second pass)."""
-        val = val or evaluate(model, loaders["val"], self.device)
-        test = evaluate(model, loaders["test"], self.device)
-        return {"acc": test.acc, "loss": test.loss, "val_acc": val.acc, "val_loss": val.loss}
+        options = dict(precision=str(self.cfg.precision), channels_last=self.cfg.channels_last)
+        val = val or evaluate(model, loaders["val"], self.device, **options)
+        test = evaluate(model, loaders["test"], self.device, **options)
+        return StageResult(acc=test.acc, loss=test.loss, val_acc=val.acc, val_loss=val.loss, test_size=test.count,
+                           val_size=val.count or len(loaders["val"].dataset))
 
     def _trainer(self, stage: str, model: nn.Module, loaders: dict, stage_cfg, board, on_epoch_end=None):
         trainer = StageTrainer(stage, model, loaders, stage_cfg, device=self.device, checkpoint_dir=self.ckpt_dir,
                                writer=board, stop=self.stop, ctx=self.ctx, progress=self.cfg.progress,
-                               on_epoch_end=on_epoch_end, fingerprint=self.fingerprint())
+                               on_epoch_end=on_epoch_end, fingerprint=self.fingerprint(),
+                               precision=str(self.cfg.precision), channels_last=self.cfg.channels_last)
         resumed = trainer.resume() if self.resume else None
         if resumed:
-            self.summary.setdefault("resumed_from", []).append(resumed)
+            self.summary.resumed_from.append(resumed)
         else:
             _seed(self.cfg.seed, stage)
         return trainer
 
     def fingerprint(self) -> dict:
         """The settings that determine the results: what a resume must match."""
-        return flat_settings(self.summary["config"])
-
-    def _timed(self, stage: str, started: float) -> None:
-        self.summary["wall_time_s"][stage] = round(time.perf_counter() - started, 3)
+        return flat_settings(self.summary.config)
 
     def write_summary(self) -> None:
         if self.ctx.is_main:
-            atomic_write_text(json.dumps(self.summary, indent=2, default=str) + "\n", self.run_dir / "summary.json")
+            self.summary.write(self.run_dir / SUMMARY_FILE)
+
+    def check_resume(self) -> None:
+        """Before anything is written: a resume must have the settings of the run it continues
+        (its summary.json), and keeps that run's finished stage results."""
+        if not self.resume:
+            return
+        changed = resume_conflicts(self.run_dir, self.fingerprint())
+        if changed:
+            raise ResumeRefusedError(refuse_resume_message(self.run_dir, changed))
+        try:
+            earlier = RunSummary.read(self.run_dir / SUMMARY_FILE)
+        except (OSError, ValueError):  # none, or cut short: the stages will fill it in again
+            return
+        if earlier.effective_status() == INTERRUPTED and earlier.status == "running":
+            log.warning("%s was interrupted without saving its status (killed?): resuming from its checkpoints",
+                        self.run_dir)
+        self.summary.fp_source = earlier.fp_source
+        for stage in STAGES:
+            if earlier.stage(stage) is not None:
+                self.summary.set_stage(stage, earlier.stage(stage))
+
+    def plan(self, model: nn.Module) -> None:
+        """Refuse a conversion that cannot work before anything trains, with the config keys to change."""
+        cfg = self.cfg.abc
+        try:
+            plan_conversion(model, cfg.M, cfg.N, linear=cfg.linear, keep_first=cfg.keep_first,
+                            keep_last=cfg.keep_last, exclude=list(cfg.exclude))
+        except NothingToConvertError as error:
+            fixes = [key for key, taken in (("abc.keep_first=false", not cfg.keep_first),
+                                            ("abc.keep_last=false", not cfg.keep_last),
+                                            ("abc.linear=true", cfg.linear or not error.has_linear)) if not taken]
+            if cfg.exclude:
+                fixes.append(f"fewer abc.exclude patterns (now {list(cfg.exclude)})")
+            kept = "; ".join(f"{name}: {why}" for name, why in error.report.kept.items()) or "no conv or linear layers"
+            raise ConfigError(f"abc: nothing to convert in model={self.cfg.model.name}: every layer stays full precision "
+                              f"({kept}). Set {' or '.join(fixes) or 'another model'}.") from None
 
     # ---- stages --------------------------------------------------------------------------------
     def pretrain(self, splits, model: nn.Module) -> str:
@@ -136,27 +189,36 @@ class Experiment:
                         split_sizes=[len(splits.train), len(splits.val), len(splits.test), splits.num_classes])
         cache = PretrainCache(Path(self.cfg.cache_dir).absolute(), f"{self.cfg.model.name}-{self.cfg.dataset.name}",
                               settings)
-        self.summary["pretrain_cache"] = str(cache.path)
+        self.summary.pretrain_cache = str(cache.path)
 
-        def from_cache() -> str:
-            state = cache.load()
-            load_model_state(model, state, cache.path, "cached pretrained model")
+        def from_cache() -> str | None:
+            try:
+                state = cache.load()
+                load_model_state(model, state, cache.path, "cached pretrained model")
+            except CheckpointError as error:
+                log.warning("%s; retraining the FP model and replacing the cache entry", error)
+                return None
             for record in state.get("history", []):
                 log_epoch(self.boards.fp, record, record["epoch"])
-            self.summary["fp_history"] = state.get("history", [])
+            self.summary.fp_history = state.get("history", [])
             return f"cache {cache.path}"
 
         if self.ctx.agree(cfg.reuse and cache.exists()):
-            return from_cache()
+            source = from_cache()
+            if source:
+                return source
         with self.ctx.lock_on_main(cache.lock):  # one job trains it; concurrent jobs wait, then reuse it
             if self.ctx.agree(cfg.reuse and cache.exists()):
-                return from_cache()
+                source = from_cache()
+                if source:
+                    return source
             trainer = self._trainer("pretrain", model, self._loaders(splits, cfg), cfg, self.boards.fp)
-            history = trainer.fit()
+            history = trainer.fit()  # raises TrainingDiverged before a diverged model reaches the cache
             self._load_best(model, trainer)
             if self.ctx.is_main:
                 cache.store(model, history)
-            self.summary["fp_history"] = history
+            self.summary.fp_history = history
+            self.summary.images_per_s["pretrain"] = _mean_throughput(history)
             return "trained"
 
     def _load_best(self, model: nn.Module, trainer: StageTrainer) -> None:
@@ -169,12 +231,12 @@ class Experiment:
     def convert_and_calibrate(self, model: nn.Module, loaders: dict) -> dict:
         cfg = self.cfg.abc
         _seed(self.cfg.seed, "convert")
-        try:
-            report = convert(model, cfg.M, cfg.N, scope=cfg.scope, linear=cfg.linear, keep_first=cfg.keep_first,
-                             keep_last=cfg.keep_last, exclude=list(cfg.exclude), impl=cfg.impl, bases=cfg.bases,
-                             learn_u=cfg.learn_u, alpha_fit=cfg.alpha_fit, kernel=cfg.kernel)
-        except ValueError as error:
-            raise ConfigError(f"abc: {error}") from None
+        log.info("converting to ABC(M=%d, N=%s)%s...", cfg.M, cfg.N,
+                 f" and calibrating on {cfg.calibration.batches} batches" if cfg.calibration.batches else "")
+        report = convert(model, cfg.M, cfg.N, scope=str(cfg.scope), linear=cfg.linear, keep_first=cfg.keep_first,
+                         keep_last=cfg.keep_last, exclude=list(cfg.exclude), impl=str(cfg.impl),
+                         bases=str(cfg.bases), learn_u=cfg.learn_u, alpha_fit=str(cfg.alpha_fit),
+                         kernel=str(cfg.kernel))
         log.info("%s", report)
         errors = {}
         if cfg.calibration.batches > 0:
@@ -184,65 +246,61 @@ class Experiment:
         return {"report": report.to_dict(), "activation_errors": errors}
 
     # ---- the whole run -------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg = self.cfg
+    def run(self) -> RunSummary:
+        cfg, summary = self.cfg, self.summary
         started = time.perf_counter()
         validate(cfg)
-        self.device = self.ctx.device or resolve_device(cfg.device)
-        self.summary["device"] = str(self.device)
+        self.check_resume()
+        self.device = self.ctx.device or resolve_device(str(cfg.device))
+        summary.device = str(self.device)
+        try:
+            splits = build_datasets(str(cfg.dataset.name), root=str(Path(cfg.data.root).expanduser().absolute()),
+                                    download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+        except ValueError as error:
+            raise ConfigError(f"data: {error}") from None
+        _seed(cfg.seed, "init")
+        fp_model = self._build_model(splits)
+        self.plan(fp_model)
+        # Every setting checked: from here on the run dir is written to.
+        self.writing = True
+        summary.mark_running()
         self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
         if self.resume and not self.ckpt_dir.is_dir():
             log.warning("resume=true, but %s holds no checkpoints: starting from the beginning", self.run_dir)
         log.info("run dir: %s (device %s%s)", self.run_dir, self.device, ", resuming" if self.resume else "")
+        loaders = self._loaders(splits, cfg.finetune)
         with self.stop:
-            t = time.perf_counter()
-            try:
-                splits = build_datasets(cfg.dataset.name, root=str(Path(cfg.data.root).expanduser().absolute()),
-                                        download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
-            except ValueError as error:
-                raise ConfigError(f"data: {error}") from None
-            loaders = self._loaders(splits, cfg.finetune)
-            _seed(cfg.seed, "init")
-            fp_model = self._build_model(splits)
-            self.summary["fp_source"] = self.pretrain(splits, fp_model)
-            self.summary["fp"] = self._evaluate(fp_model, loaders)
-            self._timed("pretrain", t)
-            log.info("FP model (%s): test acc %.2f%%", self.summary["fp_source"], self.summary["fp"]["acc"])
+            with summary.timed("pretrain"):
+                summary.fp_source = self.pretrain(splits, fp_model)
+                summary.set_stage("fp", self._evaluate(fp_model, loaders))
+            log.info("FP model (%s): test acc %.2f%%", summary.fp_source, summary.fp.acc)
             self.write_summary()
 
-            t = time.perf_counter()
-            abc_model = copy.deepcopy(fp_model)
-            self.summary["conversion"] = self.convert_and_calibrate(abc_model, loaders)
-            self.summary["converted"] = self._evaluate(abc_model, loaders)
-            self._timed("convert", t)
-            log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, self.summary["converted"]["acc"])
-            self.boards.log_converted(self.summary["converted"], abc_model)
+            with summary.timed("convert"):
+                abc_model = copy.deepcopy(fp_model)
+                summary.conversion = self.convert_and_calibrate(abc_model, loaders)
+                summary.set_stage("converted", self._evaluate(abc_model, loaders))
+            log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, summary.converted.acc)
+            self.boards.log_converted(summary.converted, abc_model)
             self.write_summary()
 
-            t = time.perf_counter()
-            self.summary["finetuned"] = self.finetune(abc_model, loaders)
-            self._timed("finetune", t)
+            with summary.timed("finetune"):
+                summary.set_stage("finetuned", self.finetune(abc_model, loaders))
 
         example = next(iter(loaders["val"]))[0][:1].to(self.device)
-        layer_summary = summary(abc_model, example)
-        self.summary["layers"] = [vars(layer) for layer in layer_summary.layers]
-        self.summary["size"] = {"fp_kb": layer_summary.fp_kb, "abc_kb": layer_summary.abc_kb,
-                                "compression": layer_summary.compression,
-                                "binary_mac_share": layer_summary.binary_mac_share,
-                                "total_macs": layer_summary.total_macs}
-        fp_acc = self.summary["fp"]["acc"]
-        self.summary["gaps"] = {stage: fp_acc - self.summary[stage]["acc"] for stage in ("converted", "finetuned")}
-        self._timed("total", started)
-        self.summary["status"] = "finished"
+        layer_summary = model_summary(abc_model, example)
+        summary.set_model_summary(layer_summary.to_dict())
+        summary.wall_time_s["total"] = round(time.perf_counter() - started, 3)
+        summary.status = FINISHED
         self.write_summary()
-        self.boards.log_final(self.summary, str(layer_summary))
-        log.info("\n%s\n%s", layer_summary, results_table(self.summary))
-        return self.summary
+        self.boards.log_final(summary, str(layer_summary))
+        log.info("\n%s\n%s", layer_summary, results_table(summary))
+        return summary
 
-    def finetune(self, model: nn.Module, loaders: dict) -> dict:
+    def finetune(self, model: nn.Module, loaders: dict) -> StageResult:
         cfg = self.cfg.finetune
         if cfg.epochs == 0:
-            return dict(self.summary["converted"], best_epoch=0)
+            return dataclasses.replace(self.summary.converted, best_epoch=0)
         trainer = self._trainer("finetune", model, loaders, cfg, self.boards.abc,
                                 on_epoch_end=lambda t: self.boards.log_abc_parameters(model, t.epoch))
         trainer.fit()
@@ -250,43 +308,52 @@ class Experiment:
         last = trainer.history[-1]
         best = max(trainer.history, key=lambda record: record["val_acc"])
         result = self._evaluate(model, loaders, val=Metrics(loss=best["val_loss"], acc=best["val_acc"]))
-        result.update(best_epoch=best["epoch"], last_val_acc=last["val_acc"], last_val_loss=last["val_loss"],
-                      history=trainer.history)
-        return result
+        self.summary.images_per_s["finetune"] = _mean_throughput(trainer.history)
+        return dataclasses.replace(result, best_epoch=best["epoch"], last_val_acc=last["val_acc"],
+                                   last_val_loss=last["val_loss"], history=trainer.history)
 
 
-def results_table(summary: dict) -> str:
+def _mean_throughput(history: list[dict]) -> float | None:
+    rates = [record["images_per_s"] for record in history if "images_per_s" in record]
+    return round(sum(rates) / len(rates), 1) if rates else None
+
+
+def results_table(summary: RunSummary) -> str:
     rows = [f"{'stage':<10} {'val acc':>8} {'test acc':>9} {'test loss':>10} {'gap to FP':>10}"]
-    for stage in ("fp", "converted", "finetuned"):
-        r = summary[stage]
-        gap = "" if stage == "fp" else f"{summary['gaps'][stage]:>10.2f}"
-        rows.append(f"{stage:<10} {r['val_acc']:>8.2f} {r['acc']:>9.2f} {r['loss']:>10.4f} {gap}")
-    abc = summary["abc"]
-    rows.append(f"ABC(M={abc['M']}, N={abc['N']}) on {summary['model']}/{summary['dataset']}: "
-                f"{summary['size']['fp_kb']:.1f} kB -> {summary['size']['abc_kb']:.1f} kB; "
-                f"summary: {Path(summary['run_dir']) / 'summary.json'}")
-    return "\n".join(rows)
+    for stage in STAGES:
+        r = summary.stage(stage)
+        gap = "" if stage == "fp" else f"{summary.gaps[stage]:>10.2f}"
+        rows.append(f"{stage:<10} {r.val_acc:>8.2f} {r.acc:>9.2f} {r.loss:>10.4f} {gap}")
+    se = summary.finetuned.standard_error()
+    rows.append(f"test set: {summary.finetuned.test_size} images (standard error of an accuracy there: "
+                f"{se:.2f} points)" if se is not None else "")
+    rows.append(f"ABC(M={summary.abc.M}, N={summary.abc.N}) on {summary.model}/{summary.dataset}: "
+                f"{summary.size.fp_kb:.1f} kB -> {summary.size.abc_kb:.1f} kB; "
+                f"summary: {Path(summary.run_dir) / SUMMARY_FILE}")
+    return "\n".join(row for row in rows if row)
 
 
 def run(cfg: DictConfig) -> float:
     """Run the experiment of ``cfg``; return the fine-tuned validation accuracy (%).
 
-    On failure or interruption ``summary.json`` records the status, the error and every result
-    obtained so far, and the exception propagates.
+    Settings are checked before anything is written: a config error or a refused resume leaves the
+    run dir as it was. Past that, on failure or interruption ``summary.json`` records the status,
+    the error and every result obtained so far, and the exception propagates.
     """
     experiment = Experiment(cfg)
     try:
-        result = experiment.run()
+        summary = experiment.run()
     except BaseException as error:
-        experiment.summary["status"] = "interrupted" if _is_interrupt(error) else "failed"
-        experiment.summary["error"] = f"{type(error).__name__}: {error}"
-        experiment.write_summary()
+        if experiment.writing:
+            experiment.summary.status = INTERRUPTED if _is_interrupt(error) else FAILED
+            experiment.summary.error = f"{type(error).__name__}: {error}"
+            experiment.write_summary()
         raise
     finally:
         if experiment.boards is not None:
             experiment.boards.close()
         experiment.ctx.close()
-    value = result["finetuned"]["val_acc"]
+    value = summary.finetuned.val_acc
     return value if math.isfinite(value) else float("nan")
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-# Keys that say where or how a run happens, not what it computes: a resume may change them.
+# Keys that say where or how a run happens, not what it computes: a resume may change them. The
+# same list is hydra.job.config.override_dirname.exclude_keys in conf/hydra/default.yaml (a test
+# ties the two), so these keys never name a run dir either.
 RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir", "data.root", "data.download",
                            "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
 
@@ -28,3 +30,9 @@ def flat_settings(config: Mapping, skip: frozenset[str] = RUN_ONLY_KEYS) -> dict
 
     walk(config, "")
     return flat
+
+
+def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
+    """``key: saved -> current`` for every flat setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

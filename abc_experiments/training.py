@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +21,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoints import CheckpointError, atomic_save, load_checkpoint, load_model_state
+from .checkpoints import CheckpointError, ResumeRefusedError, atomic_save, load_checkpoint, load_model_state
 from .distributed import DistributedContext
+from .settings import setting_differences
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "step", "none")
+# Lightning's names: full float32, or torch.autocast to bfloat16 / float16 (the latter with a
+# gradient scaler).
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN, infinite, or exploded (see ``divergence_factor``)."""
+
+
+NonFiniteLossError = TrainingDiverged  # the name of earlier versions
 
 
 class TrainingInterrupted(Exception):
@@ -69,13 +82,15 @@ class StopRequest:
 class Metrics:
     loss: float
     acc: float  # %
+    count: int = 0  # images the figures rest on
 
     def as_dict(self, prefix: str = "") -> dict:
         return {f"{prefix}loss": self.loss, f"{prefix}acc": self.acc}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Metrics:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "32",
+             channels_last: bool = False) -> Metrics:
     """Mean cross-entropy and accuracy (%) over ``loader`` in eval mode."""
     was_training = model.training
     model.eval()
@@ -83,20 +98,28 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> Metr
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        images, labels = _to_device(images, device, channels_last), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     model.train(was_training)
-    return Metrics(loss=loss_sum.item() / max(count, 1), acc=100.0 * correct.item() / max(count, 1))
+    return Metrics(loss=loss_sum.item() / max(count, 1), acc=100.0 * correct.item() / max(count, 1), count=count)
+
+
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
 def make_optimizer(parameters, cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":  # Nesterov momentum whenever momentum > 0
         return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
-    return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
@@ -104,8 +127,26 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sche
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     if cfg.schedule == "step":
+        if cfg.step_size < 1 or not cfg.gamma > 0:
+            raise ValueError(f"schedule=step needs step_size >= 1 and gamma > 0 (got {cfg.step_size}, {cfg.gamma})")
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+    if cfg.schedule == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for a mixed precision, a no-op context for ``"32"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def divergence_limit(num_classes: int, factor: float) -> float:
+    """The largest training loss taken as still learning: ``factor`` × ln(classes), the
+    cross-entropy of a uniform guess (infinite when ``factor`` is 0)."""
+    return factor * math.log(max(num_classes, 2)) if factor > 0 else math.inf
 
 
 def _rng_state() -> dict:
@@ -131,13 +172,17 @@ class StageTrainer:
 
     def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, *, device: torch.device,
                  checkpoint_dir: Path, writer, stop: StopRequest, ctx: DistributedContext | None = None,
-                 progress: bool = True, on_epoch_end=None, fingerprint: dict | None = None):
+                 progress: bool = True, on_epoch_end=None, fingerprint: dict | None = None,
+                 precision: str = "32", channels_last: bool = False):
         self.stage, self.model, self.loaders, self.cfg = stage, model, loaders, cfg
         self.fingerprint = fingerprint or {}  # the settings a resume must match
         self.device, self.writer, self.stop, self.progress = device, writer, stop, progress
         self.ctx = ctx or DistributedContext()
         self.net = self.ctx.wrap(model) or model  # what training steps run (DDP-wrapped under torchrun)
         self.on_epoch_end = on_epoch_end
+        self.precision, self.channels_last = precision, channels_last
+        # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
         self.is_writer = self.ctx.is_main  # only rank 0 writes checkpoints and logs
         self.last_path = checkpoint_dir / f"{stage}_last.pt"
         self.best_path = checkpoint_dir / f"{stage}_best.pt"
@@ -155,6 +200,7 @@ class StageTrainer:
             "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "running": self.running,
             "history": self.history, "best_val_acc": self.best_val_acc, "config": self.fingerprint,
+            "scaler": self.scaler.state_dict(),
         }
 
     def save(self) -> None:
@@ -168,15 +214,17 @@ class StageTrainer:
         state = load_checkpoint(self.last_path, f"{self.stage} checkpoint")
         if state.get("stage") != self.stage:
             raise CheckpointError(f"{self.last_path} is not a {self.stage} checkpoint")
-        changed = _differences(state.get("config", {}), self.fingerprint)
+        changed = setting_differences(state.get("config", {}), self.fingerprint)
         if changed:
-            raise CheckpointError(
+            raise ResumeRefusedError(
                 f"resume=true, but {self.last_path} was saved with other settings ({'; '.join(changed)}): "
                 "resume with the same overrides as the interrupted run, or start a new run dir")
         load_model_state(self.model, state, self.last_path, f"{self.stage} checkpoint")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.running = state["global_step"], state["running"]
         self.history, self.best_val_acc = state["history"], state["best_val_acc"]
@@ -198,27 +246,29 @@ class StageTrainer:
         bar = _progress(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
                         enabled=self.progress and self.is_writer)
         batches = iter(loader)
+        limit = None
         while self.step_in_epoch < total:
             if self.ctx.any(self.stop.requested):  # every rank stops at the same step
                 bar.close()
                 self.save()
                 raise TrainingInterrupted(self.stage, self.epoch, self.step_in_epoch, self.last_path)
             images, labels = next(batches)
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            logits = self.net(images)
-            loss = F.cross_entropy(logits, labels)
+            images = _to_device(images, self.device, self.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            with autocast(self.device, self.precision):
+                logits = self.net(images)
+            loss = F.cross_entropy(logits.float(), labels)
             hits = (logits.argmax(1) == labels).sum()
             loss_value, correct = torch.stack([loss.detach().float(), hits.float()]).tolist()  # one device sync
-            if self.ctx.any(not math.isfinite(loss_value)):  # every rank stops, none hangs in backward
+            if limit is None:
+                limit = divergence_limit(logits.shape[1], self.cfg.divergence_factor)
+            if self.ctx.any(not math.isfinite(loss_value) or loss_value > limit):  # every rank stops, none hangs
                 bar.close()
-                raise NonFiniteLossError(
-                    f"the {self.stage} loss became {loss_value} at epoch {self.epoch + 1}, step "
-                    f"{self.step_in_epoch + 1} (lr {self.optimizer.param_groups[0]['lr']:g}): lower "
-                    f"{self.stage}.lr or check the data; checkpoints so far are in {self.last_path.parent}"
-                )
+                raise TrainingDiverged(self._divergence_message(loss_value, limit))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.running += torch.tensor([loss_value * labels.numel(), correct, labels.numel()], dtype=torch.float64)
             self.step_in_epoch += 1
             self.global_step += 1
@@ -232,18 +282,30 @@ class StageTrainer:
         self.samples_seen = int(running[2].item())
         return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item())
 
+    def _divergence_message(self, loss_value: float, limit: float) -> str:
+        lr = self.optimizer.param_groups[0]["lr"]
+        what = f"became {loss_value}" if not math.isfinite(loss_value) else \
+            f"exploded to {loss_value:.3g} (above {limit:.3g}, {self.cfg.divergence_factor:g} × ln(classes))"
+        saved = f"; the checkpoint of the last finished epoch is {self.last_path}" if self.last_path.is_file() else ""
+        return (f"the {self.stage} loss {what} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
+                f"(lr {lr:g}): the training diverged. Lower {self.stage}.lr or check the data{saved}")
+
     def fit(self) -> list[dict]:
         while self.epoch < self.cfg.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
             train = self._train_epoch()
-            val = evaluate(self.model, self.loaders["val"], self.device)
+            seconds = time.perf_counter() - started
+            val = evaluate(self.model, self.loaders["val"], self.device, self.precision, self.channels_last)
             record = {"epoch": self.epoch + 1, "lr": lr, "train_samples": self.samples_seen,
+                      "images_per_s": self.samples_seen / max(seconds, 1e-9),
                       **train.as_dict("train_"), **val.as_dict("val_")}
             self.history.append(record)
             if self.is_writer:
                 log_epoch(self.writer, record, record["epoch"])
-            log.info("%s epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g",
-                     self.stage, self.epoch + 1, self.cfg.epochs, train.loss, train.acc, val.loss, val.acc, lr)
+            log.info("%s epoch %d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | lr %.3g | %.0f img/s",
+                     self.stage, self.epoch + 1, self.cfg.epochs, train.loss, train.acc, val.loss, val.acc, lr,
+                     record["images_per_s"])
             if val.acc > self.best_val_acc:
                 self.best_val_acc = val.acc
                 if self.is_writer:
@@ -258,12 +320,6 @@ class StageTrainer:
         return self.history
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every setting that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
 def log_epoch(writer, record: dict, step: int) -> None:
     """The per-epoch tags shared by every stage (step = epoch, so stages overlay)."""
     writer.add_scalar("train/loss", record["train_loss"], step)
@@ -271,6 +327,8 @@ def log_epoch(writer, record: dict, step: int) -> None:
     writer.add_scalar("val/loss", record["val_loss"], step)
     writer.add_scalar("val/acc", record["val_acc"], step)
     writer.add_scalar("lr", record["lr"], step)
+    if "images_per_s" in record:  # older cached histories lack it
+        writer.add_scalar("train/images_per_s", record["images_per_s"], step)
     writer.flush()
 
 

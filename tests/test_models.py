@@ -131,7 +131,7 @@ def test_resnet18_pretrained_offline(empty_torch_home):
     assert CHECKPOINT in message
     assert os.path.join(str(empty_torch_home), "hub", "checkpoints") in message
     assert "torchvision hub" in message and "offline" in message
-    assert "model.pretrained=false" in message
+    assert "model.options.pretrained=false" in message
 
 
 def test_resnet18_pretrained_from_cache_replaces_mismatched_layers(empty_torch_home):

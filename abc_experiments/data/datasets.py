@@ -1,6 +1,7 @@
 """Datasets of the experiments, split into train / validation / test / calibration sets.
 
-``build_datasets(name, ...)`` returns a :class:`DataSplits` for one of :data:`DATASETS`:
+``build_datasets(name, ...)`` returns a :class:`DataSplits` for one of the datasets of
+:data:`DATASET_REGISTRY` (its names: :data:`DATASETS`):
 
 * ``digits``: scikit-learn's 1,797 8×8 handwritten digits (bundled, nothing to download).
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``: torchvision's classes under ``root``.
@@ -19,6 +20,7 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,8 +28,6 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets.utils import check_integrity
-
-DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet")
 
 # Statistics of sklearn's digits (pixels 0..16 scaled to [0, 1]) over all 1,797 images.
 DIGITS_MAX_PIXEL = 16.0
@@ -173,10 +173,35 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _checksummed_files(spec: _TorchvisionSpec, root: str) -> list[tuple[Path, str]]:
+    """(path, md5) of every file torchvision verifies for this dataset: the MNIST archives, or
+    CIFAR's archive and its unpacked batches."""
+    cls = spec.dataset_class
+    if hasattr(cls, "resources"):  # MNIST family: <root>/<ClassName>/raw/<archive>
+        return [(Path(root, cls.__name__, "raw", name), md5) for name, md5 in cls.resources]
+    files = [(Path(root, cls.filename), cls.tgz_md5)]
+    return files + [(Path(root, cls.base_folder, name), md5) for name, md5 in cls.train_list + cls.test_list]
+
+
+def corrupt_files(spec: _TorchvisionSpec, root: str) -> list[Path]:
+    """The dataset's files that are present but fail their MD5 check (truncated or altered)."""
+    return [path for path, md5 in _checksummed_files(spec, root)
+            if path.is_file() and not check_integrity(str(path), md5)]
+
+
 def _unavailable_message(
     name: str, spec: _TorchvisionSpec, root: str, download: bool, error: BaseException
 ) -> str:
     folder = Path(root, spec.folder).resolve()
+    corrupt = corrupt_files(spec, root)
+    if corrupt:
+        names = ", ".join(str(path.resolve()) for path in corrupt)
+        return (
+            f"Dataset '{name}' is not available: {names} "
+            f"{'is' if len(corrupt) == 1 else 'are'} corrupt (the MD5 checksum does not match the official "
+            f"file: truncated or altered). Delete {'it' if len(corrupt) == 1 else 'them'} and put a good copy "
+            f"there (from {spec.url}), or set data.root= to a folder with intact files."
+        )
     if download:
         reason = f"its files are not in place and downloading them failed ({_one_line(error)})"
     else:
@@ -246,8 +271,9 @@ def _load_image_folder(folder: Path, transform: Callable) -> tvd.ImageFolder:
 
 
 def _build_imagenet(
-    root: str, augment: bool, val_fraction: float, val_size: int | None, seed: int
+    root: str, download: bool, augment: bool, val_fraction: float, val_size: int | None, seed: int
 ) -> DataSplits:
+    del download  # ImageNet is never downloaded
     folder = Path(root, "imagenet").resolve()
     missing = [str(folder / split) for split in ("train", "val") if not (folder / split).is_dir()]
     if missing:
@@ -294,8 +320,12 @@ class DigitsDataset(Dataset):
         return self.images[index], int(self.targets[index])
 
 
-def _build_digits(val_fraction: float, val_size: int | None, seed: int) -> DataSplits:
-    """Fixed test carve (seed 0, 20 %), then a ``seed``-dependent validation carve of the rest."""
+def _build_digits(
+    root: str, download: bool, augment: bool, val_fraction: float, val_size: int | None, seed: int
+) -> DataSplits:
+    """Fixed test carve (seed 0, 20 %), then a ``seed``-dependent validation carve of the rest.
+    Bundled with scikit-learn: no files, no download, no augmentation."""
+    del root, download, augment
     digits = DigitsDataset()
     all_indices = list(range(len(digits)))
     pool, test_indices = _carve(all_indices, round(DIGITS_TEST_FRACTION * len(digits)), DIGITS_TEST_SEED)
@@ -370,6 +400,31 @@ def _carve_splits(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset: its builder ``build(root, download, augment, val_fraction, val_size, seed)``."""
+
+    name: str
+    build: Callable[..., DataSplits]
+
+
+# The one table of datasets: the config's choices, build_datasets and its errors all read it.
+DATASET_REGISTRY: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, build: Callable[..., DataSplits]) -> None:
+    if name in DATASET_REGISTRY:
+        raise ValueError(f"dataset {name!r} is registered twice")
+    DATASET_REGISTRY[name] = DatasetEntry(name, build)
+
+
+register_dataset("digits", _build_digits)
+for _name in _TORCHVISION_SPECS:
+    register_dataset(_name, partial(_build_torchvision, _name))
+register_dataset("imagenet", _build_imagenet)
+DATASETS: tuple[str, ...] = tuple(DATASET_REGISTRY)
+
+
 def build_datasets(
     name: str,
     root: str | os.PathLike = "data",
@@ -395,11 +450,6 @@ def build_datasets(
         ValueError: unknown ``name`` or an impossible validation size.
         DatasetUnavailableError: the files are missing and could not be downloaded.
     """
-    root = os.fspath(root)
-    if name == "digits":
-        return _build_digits(val_fraction, val_size, seed)
-    if name == "imagenet":
-        return _build_imagenet(root, augment, val_fraction, val_size, seed)
-    if name in _TORCHVISION_SPECS:
-        return _build_torchvision(name, root, download, augment, val_fraction, val_size, seed)
-    raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name not in DATASET_REGISTRY:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASET_REGISTRY[name].build(os.fspath(root), download, augment, val_fraction, val_size, seed)

@@ -15,6 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
+from .registry import register_model
+
 STEMS = ("auto", "imagenet", "cifar")
 # stem="auto" picks the CIFAR stem up to this image size.
 CIFAR_STEM_MAX_IMAGE_SIZE = 64
@@ -49,7 +51,7 @@ def _download_weights() -> dict[str, torch.Tensor]:
             f"Could not load the pretrained ResNet-18 weights ({error}). They are downloaded from the "
             f"torchvision hub ({PRETRAINED_WEIGHTS.url}), which this machine cannot reach (offline?). "
             f"Place {filename} in {checkpoints}/ (torch.hub.get_dir()/checkpoints, set by $TORCH_HOME), "
-            f"or set model.pretrained=false."
+            f"or set model.options.pretrained=false."
         ) from error
 
 
@@ -67,6 +69,7 @@ def _load_matching_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -
         )
 
 
+@register_model("resnet18")
 def resnet18(
     in_channels: int, image_size: int, num_classes: int, stem: str = "auto", pretrained: bool = False
 ) -> nn.Module:

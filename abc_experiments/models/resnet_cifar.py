@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import register_model
+
 STAGE_WIDTHS = (16, 32, 64)
 BLOCKS_PER_STAGE = 3  # depth 6·3 + 2 = 20
 
@@ -38,6 +40,7 @@ class BasicBlock(nn.Module):
         return self.relu2(out + shortcut)
 
 
+@register_model("resnet20")
 class ResNet20(nn.Module):
     """conv3×3(16) → BN → ReLU → 3 stages of 3 BasicBlocks (16/32/64 channels, stride 2 at stages
     2 and 3) → global average pool → Linear(64, classes). About 0.27M parameters for 10 classes.

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import register_model
 
+
+@register_model("seed_cnn")
 class SeedCNN(nn.Module):
     """conv5×5(32) → maxpool → BN → ReLU → conv5×5(64) → maxpool → BN → ReLU
     → Linear(64·(s/4)², 1024) → ReLU → Dropout(0.5) → Linear(1024, classes).

@@ -13,6 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .registry import register_model
+
 CONV_WIDTHS = (128, 128, 256, 256, 512, 512)
 
 
@@ -29,6 +31,7 @@ def _features(in_channels: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
+@register_model("vgg_small")
 class VGGSmall(nn.Module):
     """``features`` (6 convs, 3 max-pools) → flatten → ``classifier`` Linear(512·(s/8)², classes)."""
 

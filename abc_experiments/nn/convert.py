@@ -40,6 +40,58 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if type(m) in (nn.Conv2d, nn.Linear)]
 
 
+class NothingToConvertError(ValueError):
+    """Every candidate layer would stay full precision; ``report.kept`` says why for each."""
+
+    def __init__(self, message: str, report: "ConversionReport", has_linear: bool):
+        super().__init__(message)
+        self.report, self.has_linear = report, has_linear
+
+
+def plan_conversion(
+    model: nn.Module,
+    M: int,
+    N: int | None,
+    *,
+    linear: bool = False,
+    keep_first: bool = True,
+    keep_last: bool = True,
+    exclude: tuple[str, ...] | list[str] = (),
+) -> ConversionReport:
+    """Which layers :func:`convert` would convert and why it would keep the others, without
+    changing ``model`` (cheap: a walk over its modules), so a runner can refuse an impossible
+    setting before it trains anything. Raises :class:`NothingToConvertError` if none would be."""
+    check_count("M", M, 1)
+    N = 0 if N is None else check_count("N", N, 0)
+    candidates = _candidates(model)
+    convs = [name for name, m in candidates if isinstance(m, nn.Conv2d)]
+    linears = [name for name, m in candidates if isinstance(m, nn.Linear)]
+    first_conv = convs[0] if convs else None
+    classifier = linears[-1] if linears else (convs[-1] if convs else None)
+
+    report = ConversionReport(M=M, N=N)
+    for name, module in candidates:
+        if keep_first and name == first_conv:
+            report.kept[name] = "first conv (keep_first)"
+        elif keep_last and name == classifier:
+            report.kept[name] = "final classifier (keep_last)"
+        elif isinstance(module, nn.Linear) and not linear:
+            report.kept[name] = "linear layer (linear=False)"
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            report.kept[name] = "excluded by pattern"
+        else:
+            report.converted.append(name)
+    if not report.converted:
+        found = f"{len(convs)} conv and {len(linears)} linear layer(s)"
+        raise NothingToConvertError(
+            f"nothing to convert in {type(model).__name__}: it has {found}, all kept at full precision "
+            f"({'; '.join(f'{k}: {v}' for k, v in report.kept.items()) or 'no Conv2d or Linear layers'}). "
+            "Use keep_first=False / keep_last=False / linear=True or fewer exclude patterns.",
+            report, bool(linears),
+        )
+    return report
+
+
 def convert(
     model: nn.Module,
     M: int,
@@ -63,33 +115,8 @@ def convert(
     keeps full-precision activations (weight-only ABC). ``layer_options`` go to the layers
     (``bases``, ``learn_u``, ``alpha_fit``, ``kernel``).
     """
-    check_count("M", M, 1)
-    N = 0 if N is None else check_count("N", N, 0)
-    candidates = _candidates(model)
-    convs = [name for name, m in candidates if isinstance(m, nn.Conv2d)]
-    linears = [name for name, m in candidates if isinstance(m, nn.Linear)]
-    first_conv = convs[0] if convs else None
-    classifier = linears[-1] if linears else (convs[-1] if convs else None)
-
-    report = ConversionReport(M=M, N=N)
-    for name, module in candidates:
-        if keep_first and name == first_conv:
-            report.kept[name] = "first conv (keep_first)"
-        elif keep_last and name == classifier:
-            report.kept[name] = "final classifier (keep_last)"
-        elif isinstance(module, nn.Linear) and not linear:
-            report.kept[name] = "linear layer (linear=False)"
-        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-            report.kept[name] = "excluded by pattern"
-        else:
-            report.converted.append(name)
-    if not report.converted:
-        found = f"{len(convs)} conv and {len(linears)} linear layer(s)"
-        raise ValueError(
-            f"nothing to convert in {type(model).__name__}: it has {found}, all kept at full precision "
-            f"({'; '.join(f'{k}: {v}' for k, v in report.kept.items()) or 'no Conv2d or Linear layers'}). "
-            "Use keep_first=False / keep_last=False / linear=True or fewer exclude patterns."
-        )
+    report = plan_conversion(model, M, N, linear=linear, keep_first=keep_first, keep_last=keep_last,
+                             exclude=exclude)
     for name in report.converted:
         module = model.get_submodule(name)
         if isinstance(module, nn.Conv2d):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,10 @@ class ModelSummary:
     binary_mac_share: float | None  # share of the original MACs run as binary M·N convolutions
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``{"layers": [one dict per layer], "size": {fp_kb, abc_kb, compression, total_macs,
+        binary_mac_share}}``: the run summary's part (``abc_experiments.results``)."""
+        size = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
+        return {"layers": [asdict(layer) for layer in self.layers], "size": size}
 
     def __str__(self) -> str:
         header = f"{'layer':<28} {'M':>2} {'N':>2} {'W err':>7} {'A err':>7} {'bin weights':>12} {'bits':>11} {'binary MACs':>14}"
