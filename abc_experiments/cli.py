@@ -33,7 +33,7 @@ from .config import ConfigError, to_container
 from .data import DatasetUnavailableError
 from .models import PretrainedWeightsUnavailableError
 from .pipeline import refuse_resume_message, resume_conflicts, run
-from .results import FINISHED, SUMMARY_FILE, RunSummary
+from .results import FAILED, FINISHED, SUMMARY_FILE, ABCSetting, RunSummary
 from .rundirs import override_arg
 from .settings import flat_settings
 from .training import TrainingDiverged, TrainingInterrupted
@@ -71,6 +71,19 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A sweep job refused before it wrote anything still records why, for the closing table and
+    abc-report."""
+    path = Path(cfg.run_dir) / SUMMARY_FILE
+    if path.exists():
+        return
+    summary = RunSummary(dataset=str(cfg.dataset.name), model=str(cfg.model.name), seed=cfg.seed,
+                         abc=ABCSetting(M=cfg.abc.M, N=cfg.abc.N or 0, scope=str(cfg.abc.scope)),
+                         run_dir=str(Path(cfg.run_dir).absolute()), status=FAILED,
+                         error=f"{type(error).__name__}: {error}", config=to_container(cfg))
+    summary.write(path)
+
+
 def run_job(cfg: DictConfig) -> float:
     """:func:`run` with the command-line handling of errors and interruptions."""
     multirun = _is_multirun()
@@ -81,6 +94,7 @@ def run_job(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         log.error("%s", error)
         if multirun:
+            _record_failure(cfg, error)
             return float("nan")
         _remove_if_untouched(Path(cfg.run_dir))
         sys.exit(1)
@@ -103,8 +117,9 @@ def _task_settings(config: DictConfig, run_dir: str) -> dict:
 
 def sweep_report(sweep_dir: Path) -> tuple[str, int]:
     """One line per job of a finished sweep and the number of jobs that did not finish."""
-    jobs = sorted(path.parent.parent for path in sweep_dir.glob(f"*/.hydra/config.yaml"))
-    lines = [f"{'job':<40} {'status':<11} {'fp':>7} {'conv':>7} {'finetuned':>9}"]
+    jobs = sorted(path.parent.parent for path in sweep_dir.glob("*/.hydra/config.yaml"))
+    width = max([len(job.name) for job in jobs] + [3])
+    lines = [f"{'job':<{width}} {'status':<11} {'fp':>7} {'conv':>7} {'finetuned':>9}"]
     failed = 0
     for job in jobs:
         try:
@@ -115,7 +130,7 @@ def sweep_report(sweep_dir: Path) -> tuple[str, int]:
         failed += status != FINISHED
         accs = [getattr(getattr(summary, stage, None), "acc", None) for stage in ("fp", "converted", "finetuned")]
         cells = ["-" if acc is None else f"{acc:.2f}" for acc in accs]
-        lines.append(f"{job.name[:40]:<40} {status:<11} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9}")
+        lines.append(f"{job.name:<{width}} {status:<11} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9}")
     return "\n".join(lines), failed
 
 

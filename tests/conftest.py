@@ -1,23 +1,12 @@
-"""Shared fixtures: composing abc-run's configs and running the CLI on tiny settings."""
+"""Fixtures: composing abc-run's configs in tmp_path. Shared helpers are in helpers.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 import abc_experiments.config  # noqa: F401  (registers the schema and resolvers)
-
-# The smallest useful run on the bundled digits: seconds on a CPU.
-TINY = [
-    "pretrain.epochs=2", "finetune.epochs=1", "abc.M=2", "abc.N=2", "abc.calibration.batches=2",
-    "pretrain.batch_size=128", "finetune.batch_size=128", "progress=false", "device=cpu",
-]
 
 
 @pytest.fixture
@@ -32,18 +21,3 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
-
-
-def cli_command() -> list[str]:
-    """How to start ``abc-run``: the console script installed next to this Python, if there."""
-    script = Path(sys.executable).parent / "abc-run"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "abc_experiments.cli"]
-
-
-def run_cli(args, cwd, timeout=300, env=None):
-    """``abc-run ARGS`` in a subprocess."""
-    command = cli_command()
-    environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    environment.update(env or {})
-    return subprocess.run(command + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=environment)

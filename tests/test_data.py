@@ -286,9 +286,11 @@ def test_cifar_loader_batch(tmp_path, monkeypatch):
     assert len(next(iter(loaders["test"]))[0]) == 6
 
 
-def test_default_num_workers():
-    assert default_num_workers("digits") == 0
-    assert 0 <= default_num_workers("cifar10") <= 4
+@pytest.mark.parametrize("cpus,expected", [(None, 0), (1, 0), (2, 1), (5, 4), (64, 4)])
+def test_default_num_workers_leaves_a_core_and_caps_at_four(monkeypatch, cpus, expected):
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    assert default_num_workers("cifar10") == expected
+    assert default_num_workers("digits") == 0  # in memory: workers would only add overhead
 
 
 def test_pin_memory_only_for_cuda():

@@ -8,7 +8,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # builds and installs a wheel with pip in a subprocess
 
 
 def test_wheel_ships_every_config_and_the_installed_copy_finds_them(tmp_path):
