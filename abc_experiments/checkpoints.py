@@ -21,6 +21,10 @@ from filelock import FileLock
 from torch import nn
 
 
+# The fine-tuned ABC model of a finished run: the one its finetuned results were measured on.
+FINAL_CHECKPOINT = "finetuned.pt"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model."""
 
@@ -51,7 +55,7 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():  # not a refused pickle: a damaged file
+        if "Unsupported global" not in str(error):  # not a refused Python object: a damaged file
             raise CheckpointError(f"{what} {path} is not a readable torch checkpoint ({_first_sentence(error)}): "
                                   "it is corrupt or another format; delete it or point to another file") from None
         raise CheckpointError(

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -20,11 +21,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import distributed
-from .checkpoints import CheckpointError, PretrainCache, ResumeRefusedError, load_checkpoint, load_model_state
+from .checkpoints import (FINAL_CHECKPOINT, CheckpointError, PretrainCache, ResumeRefusedError, atomic_save,
+                          load_checkpoint, load_model_state)
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
-from .nn import NothingToConvertError, calibrate, convert, plan_conversion
+from .nn import ConversionReport, NothingToConvertError, calibrate, convert, plan_conversion
 from .nn import summary as model_summary
 from .results import (FAILED, FINISHED, INTERRUPTED, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
                       StageResult)
@@ -233,10 +235,7 @@ class Experiment:
         _seed(self.cfg.seed, "convert")
         log.info("converting to ABC(M=%d, N=%s)%s...", cfg.M, cfg.N,
                  f" and calibrating on {cfg.calibration.batches} batches" if cfg.calibration.batches else "")
-        report = convert(model, cfg.M, cfg.N, scope=str(cfg.scope), linear=cfg.linear, keep_first=cfg.keep_first,
-                         keep_last=cfg.keep_last, exclude=list(cfg.exclude), impl=str(cfg.impl),
-                         bases=str(cfg.bases), learn_u=cfg.learn_u, alpha_fit=str(cfg.alpha_fit),
-                         kernel=str(cfg.kernel))
+        report = convert_from_config(model, cfg)
         log.info("%s", report)
         errors = {}
         if cfg.calibration.batches > 0:
@@ -261,6 +260,8 @@ class Experiment:
         _seed(cfg.seed, "init")
         fp_model = self._build_model(splits)
         self.plan(fp_model)
+        summary.input_shape = [splits.in_channels, splits.image_size, splits.image_size]
+        summary.num_classes = splits.num_classes
         # Every setting checked: from here on the run dir is written to.
         self.writing = True
         summary.mark_running()
@@ -287,6 +288,8 @@ class Experiment:
             with summary.timed("finetune"):
                 summary.set_stage("finetuned", self.finetune(abc_model, loaders))
 
+        if self.ctx.is_main:  # the model finetuned.acc was measured on, for load_run and abc-export
+            atomic_save({"stage": "finetuned", "model": abc_model.state_dict()}, self.ckpt_dir / FINAL_CHECKPOINT)
         example = next(iter(loaders["val"]))[0][:1].to(self.device)
         layer_summary = model_summary(abc_model, example)
         summary.set_model_summary(layer_summary.to_dict())
@@ -311,6 +314,15 @@ class Experiment:
         self.summary.images_per_s["finetune"] = _mean_throughput(trainer.history)
         return dataclasses.replace(result, best_epoch=best["epoch"], last_val_acc=last["val_acc"],
                                    last_val_loss=last["val_loss"], history=trainer.history)
+
+
+def convert_from_config(model: nn.Module, abc: Mapping) -> ConversionReport:
+    """:func:`abc_experiments.nn.convert` with the ``abc`` config group's settings (a DictConfig or
+    the plain dict a summary.json holds)."""
+    return convert(model, abc["M"], abc["N"], scope=str(abc["scope"]), linear=abc["linear"],
+                   keep_first=abc["keep_first"], keep_last=abc["keep_last"], exclude=list(abc["exclude"]),
+                   impl=str(abc["impl"]), bases=str(abc["bases"]), learn_u=abc["learn_u"],
+                   alpha_fit=str(abc["alpha_fit"]), kernel=str(abc["kernel"]))
 
 
 def _mean_throughput(history: list[dict]) -> float | None:

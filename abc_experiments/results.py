@@ -92,6 +92,8 @@ class RunSummary:
     device: str | None = None
     precision: str = "32"
     config: dict = field(default_factory=dict)  # the resolved config
+    input_shape: list[int] | None = None  # (channels, height, width) of one image
+    num_classes: int | None = None
     fp_source: str | None = None  # "trained", "cache <path>", "checkpoint <path>", ...
     pretrain_cache: str | None = None
     fp_history: list[dict] = field(default_factory=list)
