@@ -15,15 +15,16 @@ fits shifts and betas to real inputs (used by calibration).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .weights import check_count
+from .weights import check_count, is_exporting
 
 log = logging.getLogger(__name__)
-KERNELS = ("eager", "compiled")
+KERNELS = ("bucket", "eager", "compiled")
 
 
 def heaviside_bases(x: Tensor, shifts: Tensor) -> Tensor:
@@ -89,14 +90,138 @@ def staircase_grad_blocked(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tenso
     return grad_x, grad_shifts, grad_betas
 
 
+# ---------------------------------------------------------------------------------------------------
+# The "bucket" kernel: one table lookup per element, whatever N.
+#
+# Every output of the staircase (its value, its STE slope ∂/∂x, and which thresholds and windows an
+# element is on the far side of) depends on x only through the predicates fl(x + vₙ) ≥ 0.5,
+# fl(x + vₙ) ≥ 0 and fl(x + vₙ) ≤ 1, computed exactly as the eager reference computes them. Each is
+# monotone in x (rounding is monotone). The kernel cuts the line of floats into 65,536 buckets by the
+# top 16 bits of their bit pattern (for bfloat16/float16 every value is its own bucket); each bucket
+# is an interval of values (of one sign). A monotone predicate that agrees on a bucket's two end
+# values is constant on the whole bucket, so the tables below, built by running the *reference*
+# ops on the bucket ends, give bit-identical results for every element of such a bucket. A float32
+# bucket where some predicate flips (a threshold or STE window edge lies strictly inside it, at most
+# 3N of the 65,536) is marked NaN in the tables, and its few elements are recomputed with the
+# reference kernels. Cost per element: forward = bucket id + one gather (+ the fix-up of marked
+# buckets); backward = bucket id + one gather of the slope + one multiply + one ``bincount`` of the
+# upstream gradient per bucket; shift and beta gradients are then (65,536 × N) table products.
+# ---------------------------------------------------------------------------------------------------
+
+BUCKETS = 1 << 16
+BUCKET_MIN_NUMEL = 1 << 15  # smaller activations (and float64) run the eager reference: cheaper there
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0  # index of a float32's top 16 bits among its uint16s
+_bucket_ends_cache: dict = {}
+
+
+def _lut_supported(x: Tensor) -> bool:
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() >= BUCKET_MIN_NUMEL
+
+
+def bucket_ids(x: Tensor) -> Tensor:
+    """int32 bucket of every element of ``x`` (flattened): the top 16 bits of its bit pattern."""
+    halves = x.contiguous().view(-1).view(torch.uint16)
+    if x.element_size() == 4:
+        halves = halves[_HIGH_HALF::2]
+    return halves.to(torch.int32)
+
+
+def bucket_ends(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2, 65536): the first and the last bit pattern of every bucket, as values of ``dtype``
+    (the same value twice for 16-bit dtypes). Cached per dtype and device."""
+    key = (dtype, str(device))
+    if key not in _bucket_ends_cache:
+        ids = torch.arange(BUCKETS, dtype=torch.int64, device=device)
+        if dtype in (torch.bfloat16, torch.float16):
+            bits = torch.where(ids >= 1 << 15, ids - (1 << 16), ids).to(torch.int16)
+            ends = torch.stack([bits, bits]).view(dtype)
+        else:
+            first = ids << 16
+            last = first | 0xFFFF
+            bits = torch.stack([first, last])
+            ends = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+        _bucket_ends_cache[key] = ends
+    return _bucket_ends_cache[key]
+
+
+def bucket_tables(shifts: Tensor, betas: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-bucket tables for the current shifts and betas (already in ``dtype``).
+
+    ``region`` (65536, N) uint8: where x + vₙ lies for the bucket's values, 0: below 0 (or NaN),
+    1: in [0, 0.5), 2: in [0.5, 1], 3: above 1, read at the bucket's first value; ``marked``: the
+    buckets where some region changes between the bucket's two ends; ``level`` (forward value,
+    NaN on marked buckets) and ``slope`` (Σ βₙ over the STE windows holding the bucket).
+    """
+    ends = bucket_ends(dtype, shifts.device)  # (2, B)
+    y = ends.unsqueeze(-1) + shifts  # (2, B, N): x + vₙ exactly as the reference rounds it
+    region = (y >= 0).to(torch.uint8).add_(y >= 0.5).add_(y > 1)
+    marked = (region[0] != region[1]).any(-1)
+    region = region[0]
+    up = region >= 2
+    level = None
+    for n in range(shifts.numel()):  # the reference's terms, summed in its order
+        term = torch.where(up[:, n], betas[n], -betas[n])
+        level = term if level is None else level + term
+    active = (region - 1) <= 1  # uint8 wraps 0 to 255
+    slope = (active.to(betas.dtype) * betas).sum(-1)
+    level = level.masked_fill(marked, float("nan"))
+    return dict(region=region, marked=marked, level=level, slope=slope)
+
+
+def staircase_bucket(x: Tensor, shifts: Tensor, betas: Tensor, tables: dict | None = None,
+                     fixed: list | None = None) -> Tensor:
+    """:func:`staircase` by one table lookup per element (bit-identical values). ``fixed``, if
+    given, receives the flat indices of the elements recomputed by the reference."""
+    if not _lut_supported(x):
+        return staircase_blocked(x, shifts, betas)
+    tables = tables or bucket_tables(shifts, betas, x.dtype)
+    out = tables["level"].index_select(0, bucket_ids(x))
+    fix = out.isnan().nonzero().squeeze(1)  # elements of marked buckets (and NaN levels)
+    if fix.numel():
+        out[fix] = staircase(x.contiguous().view(-1)[fix], shifts, betas)
+    if fixed is not None:
+        fixed.append(fix)
+    return out.view(x.shape)
+
+
+def staircase_grad_bucket(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tensor, tables: dict | None = None,
+                          fix: Tensor | None = None):
+    """:func:`staircase_grad` from bucket sums: grad to x = grad × slope of its bucket; shift and
+    beta gradients from one ``bincount`` of the upstream gradient per bucket. ``fix``: the flat
+    indices of the elements in marked buckets, if the forward found them."""
+    if not _lut_supported(x):
+        return staircase_grad_blocked(x, grad, shifts, betas)
+    tables = tables or bucket_tables(shifts, betas, x.dtype)
+    ids = bucket_ids(x)
+    flat_grad = grad.contiguous().view(-1)
+    grad_x = flat_grad * tables["slope"].index_select(0, ids)
+    weights = flat_grad if flat_grad.dtype == torch.float32 else flat_grad.double()
+    sums = torch.bincount(ids, weights=weights, minlength=BUCKETS)
+    hit = (sums != 0).logical_and_(~tables["marked"]).nonzero().squeeze(1)  # buckets to count
+    region, hit_sums = tables["region"][hit], sums[hit].double()
+    grad_betas = hit_sums @ torch.where(region >= 2, 1.0, -1.0).double()
+    grad_shifts = betas.double() * (hit_sums @ ((region - 1) <= 1).double())
+    if fix is None:
+        fix = tables["level"].index_select(0, ids).isnan().nonzero().squeeze(1)
+    if fix.numel():
+        fix_x, fix_shifts, fix_betas = staircase_grad(x.contiguous().view(-1)[fix], flat_grad[fix], shifts, betas)
+        grad_x[fix] = fix_x
+        grad_shifts += fix_shifts.double()
+        grad_betas += fix_betas.double()
+    return grad_x.view(x.shape), grad_shifts.to(shifts.dtype), grad_betas.to(betas.dtype)
+
+
 class _Kernels:
-    """The forward and backward functions, eager or compiled with ``torch.compile`` (fused into one
-    pass over the activation each, about 5× faster on CPU; the first call compiles, ~30 s)."""
+    """The forward and backward functions: ``bucket`` (table lookups, the default), ``eager`` (the
+    reference: N passes) or ``compiled`` (the reference through ``torch.compile``: fused into one
+    pass each; the first call compiles, ~30 s)."""
 
     compiled: tuple | None = None
 
     @classmethod
     def get(cls, kernel: str):
+        if kernel == "bucket":
+            return staircase_bucket, staircase_grad_bucket
         if kernel == "eager":
             return staircase_blocked, staircase_grad_blocked
         if cls.compiled is None:
@@ -112,6 +237,13 @@ class _Kernels:
 class _StaircaseSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shifts, betas, kernel):
+        if kernel == "bucket":
+            tables = bucket_tables(shifts, betas, x.dtype) if _lut_supported(x) else None
+            fixed = []
+            out = staircase_bucket(x, shifts, betas, tables, fixed)
+            ctx.save_for_backward(x, shifts, betas, *fixed)
+            ctx.tables, ctx.backward_kernel = tables, staircase_grad_bucket
+            return out
         forward, backward = _Kernels.get(kernel)
         try:
             out = forward(x, shifts, betas)
@@ -122,13 +254,17 @@ class _StaircaseSTE(torch.autograd.Function):
             forward, backward = _Kernels.get(kernel)
             out = forward(x, shifts, betas)
         ctx.save_for_backward(x, shifts, betas)
+        ctx.tables = None
         ctx.backward_kernel = backward
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, shifts, betas = ctx.saved_tensors
-        grad_x, grad_shifts, grad_betas = ctx.backward_kernel(x, grad.contiguous(), shifts, betas)
+        x, shifts, betas, *fixed = ctx.saved_tensors
+        if ctx.tables is not None:
+            grad_x, grad_shifts, grad_betas = staircase_grad_bucket(x, grad, shifts, betas, ctx.tables, *fixed)
+        else:
+            grad_x, grad_shifts, grad_betas = ctx.backward_kernel(x, grad.contiguous(), shifts, betas)
         return grad_x, grad_shifts, grad_betas, None
 
 
@@ -140,11 +276,15 @@ def default_shifts(N: int) -> Tensor:
 class ActivationBinarizer(nn.Module):
     """R ↦ Σₙ βₙ H_{vₙ}(R) with trainable shifts v and betas β and the STE of eq. 8.
 
-    ``kernel="compiled"`` runs the same math through ``torch.compile``; it falls back to eager
-    kernels with a warning where compilation is unavailable.
+    ``kernel`` picks how: ``"bucket"`` (default: one table lookup per element forward, one lookup
+    and one per-bucket sum backward, cost independent of N, values bit-identical to the reference),
+    ``"eager"`` (the reference, N passes), ``"compiled"`` (the reference through ``torch.compile``;
+    falls back to eager with a warning where compilation is unavailable). While the model is being
+    exported or traced (``torch.export``, ``torch.onnx``, ``torch.jit``) the forward is the
+    reference's plain ops, values only (no STE).
     """
 
-    def __init__(self, N: int, kernel: str = "eager"):
+    def __init__(self, N: int, kernel: str = "bucket"):
         super().__init__()
         self.N = check_count("N", N, 1)
         if kernel not in KERNELS:
@@ -156,7 +296,12 @@ class ActivationBinarizer(nn.Module):
         self.register_buffer("calibration_error", torch.tensor(float("nan")))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _StaircaseSTE.apply(x, self.shifts.to(x.dtype), self.betas.to(x.dtype), self.kernel)
+        shifts, betas = self.shifts, self.betas
+        if shifts.dtype != x.dtype:  # (a no-op cast would still be a node in an exported graph)
+            shifts, betas = shifts.to(x.dtype), betas.to(x.dtype)
+        if is_exporting():
+            return staircase(x, shifts, betas)  # portable ops for torch.export / ONNX / TorchScript
+        return _StaircaseSTE.apply(x, shifts, betas, self.kernel)
 
     def bases_with_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(Aₙ stacked (N, *x.shape), betas); each Aₙ carries its own STE gradient (naive path)."""

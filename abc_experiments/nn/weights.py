@@ -46,6 +46,15 @@ def check_count(name: str, value, minimum: int) -> int:
     return value
 
 
+def is_exporting() -> bool:
+    """True while ``torch.export`` (also behind ``torch.onnx.export(dynamo=True)``) or ``torch.jit``
+    traces or scripts the model: the layers then emit plain, value-only ops (no STE terms, no
+    autograd Function, no data-pointer cache)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    return bool(torch.compiler.is_exporting())
+
+
 def sign(x: Tensor) -> Tensor:
     """Sign with sign(0) = +1, so the result holds only ±1 (``torch.sign`` maps 0 to 0)."""
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
@@ -265,18 +274,48 @@ class WeightBinarizer(nn.Module):
 
     def approximation(self, weight: Tensor) -> Tensor:
         """Σ αₘBₘ with the stored alphas, no gradient; cached until W, the alphas or the shifts
-        change (their tensor versions), so eval passes do not rebuild the bases."""
-        key = (weight.data_ptr(), weight._version, self.alphas._version, self.shifts._version)
+        change (their tensor versions), so eval passes do not rebuild the bases.
+
+        While the model is exported or traced, the cache (filled by ``eval()`` and by eager eval
+        passes) is used if it is still that of the real W, alphas and shifts: the graph then holds
+        Σ αₘBₘ as one constant, exactly the eager weight. Otherwise (and under ``torch.compile``)
+        the bases are computed from W by plain ops inside the graph; another runtime may then
+        round mean/std differently and flip the sign of an entry lying on a basis' boundary.
+        """
+        if is_exporting() or torch.compiler.is_compiling():
+            if self._cache_is_current():
+                return self._cache
+            if self.bases_scheme == "residual":
+                return combine(self.alphas, residual_bases(weight, self.M, self.scope)[0])
+            return combine(self.alphas, weight_bases(weight, self.M, self.scope, self.shifts))
+        key = self._cache_key_of(weight, self.alphas, self.shifts)
         if getattr(self, "_cache_key", None) != key:
             self._cache = combine(self.alphas, self.compute_bases(weight))
             self._cache_key = key
+            # aliases of the real tensors (no copies), to check the cache against while exporting
+            self._cache_sources = (weight.detach(), self.alphas.detach(), self.shifts.detach())
         return self._cache
 
+    @staticmethod
+    def _cache_key_of(weight: Tensor, alphas: Tensor, shifts: Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, alphas._version, shifts._version)
+
+    def _cache_is_current(self) -> bool:
+        sources = getattr(self, "_cache_sources", None)
+        if sources is None:
+            return False
+        try:
+            return self._cache_key_of(*sources) == self._cache_key
+        except RuntimeError:  # not real tensors after all
+            return False
+
     def forward(self, weight: Tensor) -> Tensor:
-        if self.training:
+        if self.training and not is_exporting():
             approximation = combine(self.alphas, self.refit(weight))  # refit updates the alphas first
         else:
             approximation = self.approximation(weight)
+        if is_exporting() or not (torch.is_grad_enabled() and (weight.requires_grad or self.shifts.requires_grad)):
+            return approximation  # values only: no STE terms (nothing asks for their gradient)
         alphas = _expand_alphas(self.alphas, weight)
         # STE: zero in value, gradient (Σ αₘ) ∂c/∂Ŵ to W (and αₘ·std·∂c/∂Ŵ to uₘ).
         approximation = approximation + alphas.sum(dim=0) * (weight - weight.detach())
