@@ -89,8 +89,15 @@ def run_job(cfg: DictConfig) -> float:
     multirun = _is_multirun()
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 speaks for everyone
         logging.getLogger().setLevel(logging.WARNING)
+    if multirun:  # a line per job on the console; the full tables stay in the job's log file
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
     try:
-        return run(cfg)
+        value = run(cfg)
+        if multirun:
+            print(f"  {_job_line(Path(cfg.run_dir))}", flush=True)
+        return value
     except USER_ERRORS as error:
         log.error("%s", error)
         if multirun:
@@ -113,6 +120,12 @@ def _task_settings(config: DictConfig, run_dir: str) -> dict:
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     task.run_dir = run_dir  # "${hydra:runtime.output_dir}" resolves only inside a job
     return flat_settings(to_container(task))
+
+
+def _job_line(run_dir: Path) -> str:
+    summary = RunSummary.read(run_dir / SUMMARY_FILE)
+    accs = " -> ".join(f"{stage} {summary.stage(stage).acc:.2f}" for stage in ("fp", "converted", "finetuned"))
+    return f"{summary.status}: test acc {accs} ({summary.wall_time_s.get('total', 0):.0f} s; log in {run_dir.name}/)"
 
 
 def sweep_report(sweep_dir: Path) -> tuple[str, int]:

@@ -26,17 +26,18 @@ from .checkpoints import (FINAL_CHECKPOINT, CheckpointError, PretrainCache, Resu
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
-from .nn import ConversionReport, NothingToConvertError, calibrate, convert, plan_conversion
+from .nn import ConversionReport, NothingToConvertError, abc_layers, calibrate, convert, plan_conversion
 from .nn import summary as model_summary
 from .results import (FAILED, FINISHED, INTERRUPTED, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
                       StageResult)
 from .settings import flat_settings, setting_differences
 from .tb import Boards
-from .training import Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch
+from .training import (Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch,
+                       progress_bar)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
-PRETRAIN_GROUPS = ("dataset", "model", "pretrain", "seed")  # config groups the FP model depends on
+PRETRAIN_GROUPS = ("dataset", "model", "pretrain", "seed", "precision", "channels_last")  # what the FP model depends on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,8 +241,12 @@ class Experiment:
         errors = {}
         if cfg.calibration.batches > 0:
             batches = [batch for _, batch in zip(range(cfg.calibration.batches), loaders["calib"])]
+            calibrated = sum(1 for _, layer in abc_layers(model) if layer.N > 0)
+            bar = progress_bar(calibrated, 0, "calibrating", enabled=self.cfg.progress and self.ctx.is_main)
             errors = calibrate(model, batches, max_samples=cfg.calibration.max_samples,
-                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed)
+                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed,
+                               progress=lambda name: (bar.set_postfix(layer=name), bar.update(1)))
+            bar.close()
         return {"report": report.to_dict(), "activation_errors": errors}
 
     # ---- the whole run -------------------------------------------------------------------------

@@ -243,7 +243,7 @@ class StageTrainer:
         loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
         total = self._steps_this_epoch(loader)
         self.model.train()
-        bar = _progress(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
+        bar = progress_bar(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
                         enabled=self.progress and self.is_writer)
         batches = iter(loader)
         limit = None
@@ -343,7 +343,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, initial: int, description: str, enabled: bool):
+def progress_bar(total: int, initial: int, description: str, enabled: bool):
     """A tqdm bar on a terminal; nothing otherwise (epoch summaries go to the log)."""
     if not enabled:
         return _NoBar()

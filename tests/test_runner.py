@@ -81,6 +81,18 @@ def test_same_seed_same_numbers_and_the_cache_is_reused(compose_cfg, tmp_path):
     assert retrained["fp_source"] == "trained" and results(retrained) == results(first)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_runs_on_the_cpu_and_is_recorded(compose_cfg, tmp_path, precision):
+    run(compose_cfg(TINY + [f"precision={precision}", "channels_last=true"]))
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "finished" and summary["precision"] == precision
+    assert summary["config"]["channels_last"] is True
+    assert summary["fp"]["acc"] > 50 and summary["finetuned"]["acc"] > 50
+    # the cached FP model depends on the precision it was trained in
+    run(compose_cfg(TINY, run_dir=tmp_path / "fp32"))
+    assert read_summary(tmp_path / "fp32")["fp_source"] == "trained"
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(compose_cfg, preset):
     cfg = compose_cfg([f"experiment={preset}"])

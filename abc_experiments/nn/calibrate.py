@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,7 @@ def calibrate(
     iterations: int = 25,
     batchnorm: bool = True,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Initialise each ABC layer's shifts vₙ and betas βₙ from the distribution of its real inputs.
 
@@ -99,7 +100,7 @@ def calibrate(
     input offset by least squares) and folds the offset into its bias. With ``batchnorm``,
     BatchNorm running statistics are then re-estimated on the same batches. ``batches`` yields input tensors or
     (input, target) pairs, e.g. a few batches of a training DataLoader. Returns the relative
-    activation error ‖R − c − ΣβA‖/‖R‖ per layer.
+    activation error ‖R − c − ΣβA‖/‖R‖ per layer. ``progress(name)`` is called after each layer.
     """
     device = next(model.parameters()).device
     inputs = _inputs(batches, device)
@@ -115,6 +116,8 @@ def calibrate(
                 samples = _collect_inputs(model, layer, inputs, per_batch, generator)
                 layer.absorb_input_offset(layer.activation_binarizer.calibrate(samples, iterations))
                 errors[name] = layer.activation_error()
+                if progress is not None:
+                    progress(name)
         if batchnorm:
             recalibrate_batchnorm(model, inputs)
     finally:
