@@ -114,3 +114,95 @@ def test_one_basis_on_mostly_zero_relu_inputs_still_splits_the_data():
 def test_bad_N_is_a_value_error(bad_N):
     with pytest.raises(ValueError, match="N must be"):
         ActivationBinarizer(bad_N)
+
+
+def reference_grads_float64(x, g, shifts, betas):
+    """STE gradients from the reference's own predicates (x + v rounded in x's dtype), summed in
+    float64: the ground truth both kernels are held to."""
+    y = x.unsqueeze(0) + shifts.view(-1, *([1] * x.dim()))  # rounded as the kernels round it
+    up = torch.where(y >= 0.5, 1.0, -1.0).double()
+    active = ((y >= 0) & (y <= 1)).double()
+    g64, b64 = g.double(), betas.double()
+    grad_x = (active * b64.view(-1, *([1] * x.dim()))).sum(0) * g64
+    grad_shifts = b64 * (active * g64).flatten(1).sum(1)
+    grad_betas = (up * g64).flatten(1).sum(1)
+    return grad_x, grad_shifts, grad_betas
+
+
+def bucket_case(N, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shifts = (torch.rand(N, generator=generator) * 2 - 1).to(dtype)  # unsorted
+    if N >= 3:
+        shifts[2] = shifts[0]  # a duplicate shift: two equal thresholds
+    betas = (torch.rand(N, generator=generator) + 0.1).to(dtype)
+    x = (torch.randn(1 << 16, generator=generator) * 1.5).to(dtype)
+    edges = torch.cat([0.5 - shifts.float(), -shifts.float(), 1 - shifts.float()]).to(dtype)
+    # values exactly at the thresholds and STE window edges, and one float either side of them
+    x[: 3 * N] = edges
+    x[3 * N: 6 * N] = torch.nextafter(edges.float(), torch.full_like(edges.float(), 9)).to(dtype)
+    x[6 * N: 9 * N] = torch.nextafter(edges.float(), torch.full_like(edges.float(), -9)).to(dtype)
+    x[9 * N: 9 * N + 4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+    x[9 * N + 4: 9 * N + 4000] = 0.0  # a spike of ReLU zeros
+    return x, shifts, betas
+
+
+def run_kernel(kernel, x, shifts, betas, g):
+    x, shifts, betas = (t.clone().requires_grad_() for t in (x, shifts, betas))
+    out = activations._StaircaseSTE.apply(x, shifts, betas, kernel)
+    out.backward(g)
+    return out.detach(), x.grad, shifts.grad, betas.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_bucket_kernel_matches_the_eager_reference(dtype, seed):
+    N = seed % 6 + 1
+    x, shifts, betas = bucket_case(N, dtype, seed)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
+    assert activations._lut_supported(x)  # the table path, not the small-input fallback
+    bucket = run_kernel("bucket", x, shifts, betas, g)
+    eager = run_kernel("eager", x, shifts, betas, g)
+    assert torch.equal(bucket[0], eager[0])  # values: bit for bit, boundaries included
+    truth = reference_grads_float64(x, g, shifts, betas)
+    eps = torch.finfo(dtype).eps
+    scale_x = betas.double().abs().sum() * g.double().abs()
+    scale_sums = (betas.double().abs().max() + 1) * g.double().abs().sum()
+    for name, got, ref, expected, scale in zip(
+        ("x", "shifts", "betas"), bucket[1:], eager[1:], truth, (scale_x, scale_sums, scale_sums)
+    ):
+        tolerance = (N + 2) * eps * scale  # a few roundings of the output dtype
+        for kernel, value in (("bucket", got), ("eager", ref)):
+            error = (value.double() - expected).abs()
+            assert (error <= tolerance + 1e-30).all(), (name, kernel, error.max().item())
+    # the gradients to x agree exactly where a single window holds the element
+    single = ((x.unsqueeze(0) + shifts.view(-1, 1) >= 0) & (x.unsqueeze(0) + shifts.view(-1, 1) <= 1)).sum(0) == 1
+    assert torch.equal(bucket[1][single], eager[1][single])
+
+
+def test_bucket_kernel_detects_a_wrong_table(monkeypatch):
+    """The comparison above can fail: a table off by one bucket is caught."""
+    x, shifts, betas = bucket_case(3, torch.float32, 0)
+    g = torch.ones_like(x)
+    tables = activations.bucket_tables(shifts, betas, x.dtype)
+    broken = dict(tables, level=torch.roll(tables["level"], 1))
+    monkeypatch.setattr(activations, "bucket_tables", lambda *args: broken)
+    assert not torch.equal(run_kernel("bucket", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
+
+
+def test_bucket_kernel_with_a_threshold_exactly_at_zero():
+    """v = 0.5 puts a threshold at 0, inside the bucket of −0.0: half the elements need the fix-up."""
+    x = torch.relu(torch.randn(1 << 16, generator=torch.Generator().manual_seed(3)))
+    x[:100] = -0.0
+    shifts, betas = torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.2, 0.3, 0.1])
+    g = torch.randn_like(x)
+    bucket, eager = run_kernel("bucket", x, shifts, betas, g), run_kernel("eager", x, shifts, betas, g)
+    assert torch.equal(bucket[0], eager[0])
+    for a, b in zip(bucket[1:], eager[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+
+
+def test_kernels_are_named_and_bucket_is_the_default():
+    assert activations.KERNELS[0] == "bucket" and set(activations.KERNELS) == {"bucket", "eager", "compiled"}
+    assert ActivationBinarizer(2).kernel == "bucket"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        ActivationBinarizer(2, kernel="fast")
