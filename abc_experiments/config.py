@@ -97,7 +97,7 @@ class ABCConfig:
     bases: Bases = Bases.shifted
     learn_u: bool = False
     alpha_fit: AlphaFit = AlphaFit.lstsq
-    kernel: Kernel = Kernel(KERNELS[0])
+    kernel: Kernel = Kernel.bucket
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

@@ -296,6 +296,10 @@ class ActivationBinarizer(nn.Module):
         self.register_buffer("calibration_error", torch.tensor(float("nan")))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and self.shifts.dtype == torch.float32:
+            # Under autocast the input arrives in 16 bits: compare it with the float32 thresholds
+            # (float32 holds every 16-bit value exactly) so that no threshold is rounded.
+            return self.forward(x.float()).to(x.dtype)
         shifts, betas = self.shifts, self.betas
         if shifts.dtype != x.dtype:  # (a no-op cast would still be a node in an exported graph)
             shifts, betas = shifts.to(x.dtype), betas.to(x.dtype)
