@@ -1,0 +1,30 @@
+"""Packed inference for converted ABC-Net models (issue 9).
+
+``pack_model`` replaces every ABC layer of an eval-mode converted model by a packed layer (weight
+bases as bits, binary convolution by xor + popcount in C++ kernels: AVX-512 VPOPCNTDQ, AVX2 or
+portable, picked at run time; a pure-torch reference path when the extension is unavailable);
+``save_packed`` / ``load_packed`` write and read a pickle-free safetensors file.
+"""
+
+from ._ext import (
+    ENV_VAR,
+    ISAS,
+    PackedKernelWarning,
+    available_isas,
+    build_directory,
+    cpu_isas,
+    extension_available,
+    extension_error,
+    get_isa,
+    set_isa,
+    use_isa,
+)
+from .io import PackedFormatError, load_packed, pack_model, packed_layers, packed_size_report, read_packed, save_packed
+from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
+
+__all__ = [
+    "ENV_VAR", "ISAS", "PackedABCConv2d", "PackedABCLayer", "PackedABCLinear", "PackedFormatError",
+    "PackedKernelWarning", "available_isas", "build_directory", "cpu_isas", "extension_available",
+    "extension_error", "get_isa", "load_packed", "pack_layer", "pack_model", "packed_layers",
+    "packed_size_report", "read_packed", "save_packed", "set_isa", "use_isa",
+]

@@ -1,0 +1,158 @@
+"""Loading the C++ kernels (JIT-built with ``torch.utils.cpp_extension.load`` and ninja at first use)
+and choosing the kernel path (ISA).
+
+Paths: ``avx512`` (AVX-512 F/BW/DQ/VL + VPOPCNTDQ), ``avx2`` (AVX2 + FMA), ``portable`` (plain C++)
+and ``reference`` (pure torch, no extension). The default is the best one this CPU runs; force
+one with the environment variable ``ABC_PACKED_ISA`` or :func:`set_isa` / :func:`use_isa`.
+If the extension cannot be built or loaded, ONE warning names the cause and the fix, and every
+packed layer uses the reference path (same results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ISAS = ("avx512", "avx2", "portable", "reference")
+ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
+ENV_VAR = "ABC_PACKED_ISA"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("register.cpp", "kernels.cpp")
+
+
+class PackedKernelWarning(UserWarning):
+    """The C++ kernels are unavailable; the pure-torch reference path is used."""
+
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None, "forced": None}
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.relative_to(CSRC).as_posix().encode())
+            digest.update(path.read_bytes())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:12]
+
+
+def extension_name() -> str:
+    """The extension's name; it changes with the sources, so a stale build is never reused."""
+    return f"abc_packed_{_source_digest()}"
+
+
+def build_directory() -> Path:
+    """Where the extension is built (under ``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(extension_name(), verbose=False))
+
+
+def _load() -> None:
+    from torch.utils.cpp_extension import load
+
+    name = extension_name()
+    log.info("building/loading the packed ABC kernels %s (the first build takes a minute or two)", name)
+    load(name, [str(CSRC / source) for source in SOURCES], extra_cflags=["-O3"],
+         extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+
+
+def _cause(error: Exception) -> str:
+    """The telling line of a build failure (the compiler's first ``error:``), else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line.lower() or "ninja is required" in line.lower() or "not found" in line.lower():
+            return line[:400]
+    return lines[0][:400] if lines else type(error).__name__
+
+
+def extension_available() -> bool:
+    """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                try:
+                    _load()
+                    torch.ops.abc_packed.cpu_features()
+                    _state["loaded"] = True
+                except Exception as error:  # no compiler, no ninja, a build error, an import error
+                    _state["loaded"], _state["error"] = False, error
+                    cause = _cause(error)
+                    warnings.warn(
+                        "abc_experiments.packed: the C++ kernels could not be built or loaded "
+                        f"({type(error).__name__}: {cause}); using the pure-torch reference path, which gives "
+                        "the same results but is much slower. To fix: install a C++ compiler (e.g. g++) and "
+                        "ninja (`pip install ninja`), then restart Python (a broken build cache under "
+                        "~/.cache/torch_extensions/ can be deleted). Set ABC_PACKED_ISA=reference to silence "
+                        "this warning.",
+                        PackedKernelWarning, stacklevel=3,
+                    )
+    return bool(_state["loaded"])
+
+
+def extension_error() -> Exception | None:
+    """Why the extension is unavailable (None if it loaded or was never tried)."""
+    return _state["error"]
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The native kernel paths this CPU can run (empty if the extension is unavailable)."""
+    if not extension_available():
+        return ()
+    features = int(torch.ops.abc_packed.cpu_features())
+    found = [isa for isa, bit in (("avx512", 2), ("avx2", 1)) if features & bit]
+    return (*found, "portable")
+
+
+def available_isas() -> tuple[str, ...]:
+    """Every path usable here, best first; always ends with ``"reference"``."""
+    return (*cpu_isas(), "reference")
+
+
+def _check_name(name: str) -> str:
+    if name not in ISAS:
+        raise ValueError(f"unknown packed kernel path {name!r}: choose one of {', '.join(ISAS)} (or 'auto')")
+    return name
+
+
+def set_isa(name: str | None) -> None:
+    """Force a kernel path for this process (``None`` or ``"auto"``: back to the env var / the best)."""
+    _state["forced"] = None if name in (None, "auto") else _check_name(name)
+
+
+def get_isa() -> str:
+    """The path packed layers use now: :func:`set_isa`, else ``ABC_PACKED_ISA``, else the best."""
+    name = _state["forced"] or os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if name == "reference":
+        return name
+    if name == "auto":
+        return available_isas()[0]
+    _check_name(name)
+    if not extension_available():
+        return "reference"  # the warning has said why
+    if name not in cpu_isas():
+        raise RuntimeError(f"packed kernel path {name!r} was requested ({ENV_VAR} or set_isa) but this CPU "
+                           f"cannot run it; available here: {', '.join(available_isas())}")
+    return name
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+    """Context manager: run packed layers on ``name`` inside the block."""
+    previous = _state["forced"]
+    set_isa(name)
+    try:
+        yield get_isa()
+    finally:
+        _state["forced"] = previous

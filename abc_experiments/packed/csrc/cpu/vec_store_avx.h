@@ -1,0 +1,59 @@
+// Vectorised tile stores shared by the AVX2 and AVX-512 policies (included inside each policy's
+// target region). No include guard on purpose.
+
+static inline void transpose8x8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                                   __m256& r6, __m256& r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Returns false when the generic scalar store must do it.
+static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
+                                int64_t nco, int64_t P, const float* tile, int64_t tile_stride) {
+  if (a.o_co == 1 && a.e_co == 1 && a.e_x == 0 && a.e_y == 0) {  // linear layer: channels contiguous
+    const int64_t full = nco / 8 * 8;
+    for (int64_t p = 0; p < np; ++p) {
+      float* o = a.out + b * a.o_b + oy * a.o_y + (ox0 + p) * a.o_x + co0;
+      const float* t = tile + p * tile_stride;
+      for (int64_t j = 0; j < full; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(a.bterm + co0 + j), _mm256_loadu_ps(t + j)));
+      for (int64_t j = full; j < nco; ++j) o[j] = a.bterm[co0 + j] + t[j];
+    }
+    return true;
+  }
+  if (P != 8 || np != 8 || a.o_x != 1 || a.e_x != 1) return false;
+  for (int64_t j0 = 0; j0 < nco; j0 += 8) {
+    __m256 r0 = _mm256_loadu_ps(tile + 0 * tile_stride + j0), r1 = _mm256_loadu_ps(tile + 1 * tile_stride + j0);
+    __m256 r2 = _mm256_loadu_ps(tile + 2 * tile_stride + j0), r3 = _mm256_loadu_ps(tile + 3 * tile_stride + j0);
+    __m256 r4 = _mm256_loadu_ps(tile + 4 * tile_stride + j0), r5 = _mm256_loadu_ps(tile + 5 * tile_stride + j0);
+    __m256 r6 = _mm256_loadu_ps(tile + 6 * tile_stride + j0), r7 = _mm256_loadu_ps(tile + 7 * tile_stride + j0);
+    transpose8x8_ps(r0, r1, r2, r3, r4, r5, r6, r7);  // r_j: 8 positions of channel co0 + j0 + j
+    const __m256 rows[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
+    const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t co = co0 + j0 + j;
+      float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
+      const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(e), rows[j]));
+    }
+  }
+  return true;
+}

@@ -1,0 +1,58 @@
+// Shared declarations of the packed ABC kernels (abc_experiments.packed).
+//
+// Bit conventions (all paths): bit = 1 means +1, bit = 0 means -1. A pixel's C channels are packed
+// into Wc = ceil(C / 64) 64-bit words, channel c at bit c % 64 of word c / 64; the unused high
+// bits of the last word are 0 in both the activations and the weights, so they cancel in the xor.
+// Zero padding is materialised as all-zero pixels (= -1 everywhere); the Python side adds the exact
+// correction (a per-output-position "border term", see layers.py).
+#pragma once
+
+#include <cstdint>
+
+namespace abc_packed {
+
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Which ISAs this CPU (and OS) can run: bit 0 AVX2, bit 1 AVX-512 F/BW/DQ/VL + VPOPCNTDQ.
+int cpu_features();
+
+// NCHW float input -> packed bits (B, Hp, Wp, N, Wc), `out` zero-filled by the caller.
+struct PackArgs {
+  const float* x;
+  int64_t B, C, H, W;
+  const float* shifts;  // (N,): bit n of a value x is (x + shifts[n] >= 0.5f), as the float layer computes it
+  int64_t N, ph, pw, Hp, Wp, Wc;
+  uint64_t* out;
+};
+
+// Row-major (R, F) float input -> packed bits (R, N, Wc), `out` zero-filled by the caller.
+struct RowPackArgs {
+  const float* x;
+  int64_t R, F;
+  const float* shifts;
+  int64_t N, Wc;
+  uint64_t* out;
+};
+
+// Binary convolution of packed activations with packed weights; writes
+//   out[b, co, oy, ox] = bterm[co, oy, ox] + sum_{m,n} coef[m, n, co] * (popcount(xor) - K/2)
+// (centred counts: both terms stay of the output's magnitude, no cancellation of large numbers)
+// (a linear layer is the 1x1 case on a 1 x R "image", with its own output/bterm strides).
+struct ConvArgs {
+  const uint64_t* xp;  // (B, Hp, Wp, N, Wc)
+  int64_t B, Hp, Wp, N, Wc;
+  const uint64_t* wk;  // (M, COB, kh, kw, Wc, 8): the same word of 8 output channels side by side
+  int64_t M, COB, Cout, kh, kw, sh, sw, dh, dw, OH, OW;
+  const float* coef;  // (M, N, COB * 8): -2 alpha_m[co] beta_n, 0 for padded channels
+  const float* bterm;
+  int64_t e_co, e_y, e_x;  // strides of bterm
+  float* out;
+  int64_t o_b, o_co, o_y, o_x;  // strides of out
+  float half_k;                 // K / 2, K = bits per receptive field (C_in * kh * kw)
+};
+
+void pack_nchw(Isa isa, const PackArgs& args);
+void pack_rows(Isa isa, const RowPackArgs& args);
+void conv(Isa isa, const ConvArgs& args);
+
+}  // namespace abc_packed

@@ -1,0 +1,142 @@
+// Operator registration (TORCH_LIBRARY "abc_packed") and argument checks for the packed ABC
+// kernels. Tensors come in and go out without copies: inputs must already be contiguous float32
+// (the Python wrappers in abc_experiments/packed/ops.py check them and say what is wrong).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "packed_ops.h"
+
+namespace abc_packed {
+namespace {
+
+Isa checked_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 2, "abc_packed: unknown isa code ", isa, " (0 portable, 1 avx2, 2 avx512)");
+  const int features = cpu_features();
+  TORCH_CHECK(isa != 2 || (features & 2), "abc_packed: this CPU lacks AVX-512 F/BW/DQ/VL + VPOPCNTDQ");
+  TORCH_CHECK(isa != 1 || (features & 1), "abc_packed: this CPU lacks AVX2 + FMA");
+  return static_cast<Isa>(isa);
+}
+
+void check_float_input(const at::Tensor& x, int64_t dim, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "abc_packed: ", what, " must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "abc_packed: ", what, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == dim, "abc_packed: ", what, " must have ", dim, " dimensions, got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "abc_packed: ", what, " must be contiguous");
+}
+
+void check_shifts(const at::Tensor& shifts) {
+  TORCH_CHECK(shifts.device().is_cpu() && shifts.scalar_type() == at::kFloat && shifts.dim() == 1 &&
+                  shifts.is_contiguous() && shifts.numel() >= 1,
+              "abc_packed: shifts must be a contiguous float32 CPU vector with N >= 1 entries");
+}
+
+at::Tensor pack_nchw_op(const at::Tensor& x, const at::Tensor& shifts, int64_t pad_h, int64_t pad_w, int64_t isa) {
+  check_float_input(x, 4, "input");
+  check_shifts(shifts);
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "abc_packed: negative padding");
+  const Isa code = checked_isa(isa);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = shifts.numel();
+  const int64_t Wc = (C + 63) / 64, Hp = H + 2 * pad_h, Wp = W + 2 * pad_w;
+  at::Tensor out = at::zeros({B, Hp, Wp, N, Wc}, x.options().dtype(at::kLong));
+  PackArgs args{x.data_ptr<float>(), B, C, H, W, shifts.data_ptr<float>(), N, pad_h, pad_w, Hp, Wp, Wc,
+                reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>())};
+  pack_nchw(code, args);
+  return out;
+}
+
+at::Tensor pack_rows_op(const at::Tensor& x, const at::Tensor& shifts, int64_t isa) {
+  check_float_input(x, 2, "input");
+  check_shifts(shifts);
+  const Isa code = checked_isa(isa);
+  const int64_t R = x.size(0), F = x.size(1), N = shifts.numel(), Wc = (F + 63) / 64;
+  at::Tensor out = at::zeros({R, N, Wc}, x.options().dtype(at::kLong));
+  RowPackArgs args{x.data_ptr<float>(), R, F, shifts.data_ptr<float>(), N, Wc,
+                   reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>())};
+  pack_rows(code, args);
+  return out;
+}
+
+void check_weights(const at::Tensor& wk, const at::Tensor& coef, int64_t N, int64_t Wc, int64_t kh, int64_t kw,
+                   int64_t Cout) {
+  TORCH_CHECK(wk.device().is_cpu() && wk.scalar_type() == at::kLong && wk.dim() == 6 && wk.is_contiguous(),
+              "abc_packed: packed weights must be a contiguous int64 CPU tensor (M, COB, kh, kw, Wc, 8)");
+  const int64_t M = wk.size(0), COB = wk.size(1);
+  TORCH_CHECK(wk.size(2) == kh && wk.size(3) == kw && wk.size(4) == Wc && wk.size(5) == 8,
+              "abc_packed: packed weights of shape ", wk.sizes(), " do not match kernel ", kh, "x", kw,
+              " and ", Wc, " words per pixel");
+  TORCH_CHECK(COB * 8 >= Cout && (COB - 1) * 8 < Cout, "abc_packed: packed weights hold ", COB * 8,
+              " output channels for ", Cout);
+  TORCH_CHECK(coef.device().is_cpu() && coef.scalar_type() == at::kFloat && coef.is_contiguous() &&
+                  coef.dim() == 3 && coef.size(0) == M && coef.size(1) == N && coef.size(2) == COB * 8,
+              "abc_packed: coef must be a contiguous float32 tensor (M, N, COB*8) = (", M, ", ", N, ", ", COB * 8,
+              "), got ", coef.sizes());
+}
+
+at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor& coef, const at::Tensor& bterm,
+                     const at::Tensor& shifts, int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, double half_k,
+                     int64_t isa) {
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "abc_packed: kernel, stride, padding and dilation need 2 values each");
+  const Isa code = checked_isa(isa);
+  at::Tensor xp = pack_nchw_op(x, shifts, padding[0], padding[1], isa);
+  const int64_t B = x.size(0), N = shifts.numel(), Wc = xp.size(4), Hp = xp.size(1), Wp = xp.size(2);
+  const int64_t kh = kernel[0], kw = kernel[1];
+  check_weights(wk, coef, N, Wc, kh, kw, out_channels);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1,
+              "abc_packed: stride and dilation must be >= 1");
+  const int64_t OH = (Hp - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (Wp - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(Hp >= dilation[0] * (kh - 1) + 1 && Wp >= dilation[1] * (kw - 1) + 1,
+              "abc_packed: input ", x.sizes(), " is smaller than the (dilated) kernel");
+  TORCH_CHECK(bterm.device().is_cpu() && bterm.scalar_type() == at::kFloat && bterm.is_contiguous() &&
+                  bterm.dim() == 3 && bterm.size(0) == out_channels && bterm.size(1) == OH && bterm.size(2) == OW,
+              "abc_packed: border term must be a contiguous float32 tensor (", out_channels, ", ", OH, ", ", OW,
+              "), got ", bterm.sizes());
+  at::Tensor out = at::empty({B, out_channels, OH, OW}, x.options());
+  ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B, Hp, Wp, N, Wc,
+                reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_channels,
+                kh, kw, stride[0], stride[1], dilation[0], dilation[1], OH, OW, coef.data_ptr<float>(),
+                bterm.data_ptr<float>(), OH * OW, OW, 1, out.data_ptr<float>(), out_channels * OH * OW, OH * OW,
+                OW, 1, static_cast<float>(half_k)};
+  conv(code, args);
+  return out;
+}
+
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor& coef, const at::Tensor& bterm,
+                     const at::Tensor& shifts, int64_t out_features, double half_k, int64_t isa) {
+  const Isa code = checked_isa(isa);
+  at::Tensor xp = pack_rows_op(x, shifts, isa);
+  const int64_t R = x.size(0), N = shifts.numel(), Wc = xp.size(2);
+  check_weights(wk, coef, N, Wc, 1, 1, out_features);
+  TORCH_CHECK(bterm.device().is_cpu() && bterm.scalar_type() == at::kFloat && bterm.is_contiguous() &&
+                  bterm.dim() == 1 && bterm.size(0) == out_features,
+              "abc_packed: bias term must be a contiguous float32 vector of ", out_features, " entries");
+  at::Tensor out = at::empty({R, out_features}, x.options());
+  // the rows are the positions of a 1 x R image; the output is (R, out_features), channels contiguous
+  ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), 1, 1, R, N, Wc,
+                reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_features,
+                1, 1, 1, 1, 1, 1, 1, R, coef.data_ptr<float>(), bterm.data_ptr<float>(), 1, 0, 0,
+                out.data_ptr<float>(), 0, 1, 0, out_features, static_cast<float>(half_k)};
+  conv(code, args);
+  return out;
+}
+
+int64_t cpu_features_op() { return cpu_features(); }
+
+}  // namespace
+
+TORCH_LIBRARY(abc_packed, m) {
+  m.def("cpu_features() -> int", &cpu_features_op);
+  m.def("pack_nchw(Tensor x, Tensor shifts, int pad_h, int pad_w, int isa) -> Tensor", &pack_nchw_op);
+  m.def("pack_rows(Tensor x, Tensor shifts, int isa) -> Tensor", &pack_rows_op);
+  m.def("conv2d(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_channels, int[] kernel, "
+        "int[] stride, int[] padding, int[] dilation, float half_k, int isa) -> Tensor",
+        &conv2d_op);
+  m.def("linear(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_features, float half_k, int isa) -> Tensor",
+        &linear_op);
+}
+
+}  // namespace abc_packed

@@ -1,0 +1,299 @@
+"""Packing a converted model, and the pickle-free packed file (safetensors).
+
+File layout (safetensors; nothing is unpickled on load):
+
+* tensor ``bits`` (uint8): every packed layer's weight bits, dense (M bits per binary weight, each
+  layer's blob rounded up to whole bytes), concatenated in layer order;
+* tensor ``floats`` (float32): every packed layer's alphas, shifts, betas and bias, then every other
+  floating-point entry of the state dict (BatchNorm, the full-precision first and last layers);
+* tensor ``ints`` (int64), only if the rest of the state dict has integer entries (other than
+  BatchNorm's ``num_batches_tracked``, which inference does not use and is not stored);
+* header metadata ``abc_packed``: JSON with the format version, the architecture (what
+  ``build_model`` needs), every packed layer's name and hyper-parameters, the names and shapes of
+  the other state entries, and a SHA-256 of each tensor's bytes (a corrupt file is refused).
+
+Few large tensors instead of hundreds of small ones keep the header small: for ResNet-20 the
+header would otherwise weigh as much as the packed weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..models import build_model
+from ..nn.layers import ABCLayer
+from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
+
+FORMAT = "abc-packed"
+VERSION = 1
+METADATA_KEY = "abc_packed"
+ARCHITECTURE_KEYS = ("name", "in_channels", "image_size", "num_classes")
+
+
+class PackedFormatError(ValueError):
+    """The file is not a packed ABC model, or it is corrupt or inconsistent."""
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """A deep copy of the eval-mode converted ``model`` with every ABC layer replaced by its packed
+    version (:class:`PackedABCConv2d` / :class:`PackedABCLinear`), in eval mode."""
+    if model.training or any(m.training for m in model.modules()):
+        raise RuntimeError("pack_model needs an eval-mode model: call model.eval() first (switching to eval "
+                           "fits and freezes the ABC alphas; packing a training-mode model would freeze "
+                           "whatever the last training step left)")
+    names = [name for name, m in model.named_modules() if isinstance(m, ABCLayer)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no ABC layers to pack: convert it first "
+                         "(abc_experiments.nn.convert)")
+    packed = copy.deepcopy(model).cpu()
+    for name in names:
+        _set_module(packed, name, pack_layer(packed.get_submodule(name)))
+    return packed.eval()
+
+
+def packed_layers(model: nn.Module) -> list[tuple[str, PackedABCLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedABCLayer)]
+
+
+def _rest_state(model: nn.Module, layer_names: list[str]) -> dict[str, Tensor]:
+    """State entries outside the packed layers (minus num_batches_tracked)."""
+    prefixes = tuple(f"{name}." for name in layer_names)
+    return {key: value for key, value in model.state_dict().items()
+            if not key.startswith(prefixes) and not key.endswith("num_batches_tracked")}
+
+
+def _digest(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _check_architecture(architecture: dict) -> dict:
+    if not isinstance(architecture, dict):
+        raise TypeError("architecture must be a dict like {'name': 'seed_cnn', 'in_channels': 1, "
+                        "'image_size': 28, 'num_classes': 10, 'options': {}}")
+    missing = [key for key in ARCHITECTURE_KEYS if key not in architecture]
+    if missing:
+        raise ValueError(f"architecture lacks {', '.join(missing)} (needed by build_model)")
+    result = dict(architecture)
+    result.setdefault("options", {})
+    json.dumps(result)  # must be JSON-able
+    return result
+
+
+def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, metadata) of the packed file for ``model`` (packed or eval-mode converted)."""
+    if not packed_layers(model):
+        model = pack_model(model)
+    layers = packed_layers(model)
+    names = [name for name, _ in layers]
+    bits, floats, ints, entries = [], [], [], []
+    bit_offset = float_offset = 0
+    for name, layer in layers:
+        stored = layer.stored_tensors()
+        entry = {"name": name, **layer.config(), "bits": [bit_offset, stored["weight_bits"].numel()]}
+        bits.append(stored["weight_bits"])
+        bit_offset += stored["weight_bits"].numel()
+        for key in ("alphas", "shifts", "betas", "bias"):
+            if key in stored:
+                floats.append(stored[key].reshape(-1))
+                float_offset += stored[key].numel()
+        entries.append(entry)
+    rest = []
+    for key, value in _rest_state(model, names).items():
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            floats.append(value.float().reshape(-1))
+            rest.append([key, "f", list(value.shape)])
+        else:
+            ints.append(value.long().reshape(-1))
+            rest.append([key, "i", list(value.shape)])
+    tensors = {"bits": torch.cat(bits), "floats": torch.cat(floats) if floats else torch.zeros(0)}
+    if ints:
+        tensors["ints"] = torch.cat(ints)
+    meta = {"format": FORMAT, "version": VERSION,
+            "architecture": None if architecture is None else _check_architecture(architecture),
+            "M": sorted({layer.M for _, layer in layers}), "N": sorted({layer.N for _, layer in layers}),
+            "layers": entries, "rest": rest,
+            "sha256": {key: _digest(tensor) for key, tensor in tensors.items()}}
+    return tensors, meta
+
+
+def save_packed(model: nn.Module, path, *, architecture: dict) -> Path:
+    """Write the packed ``model`` (a :func:`pack_model` result, or an eval-mode converted model,
+    which is packed first) to ``path`` as a pickle-free safetensors file. ``architecture``:
+    ``{"name", "in_channels", "image_size", "num_classes", "options"}`` for ``build_model``, plus
+    anything JSON-able you want kept (e.g. the input shape)."""
+    from safetensors.torch import save_file
+
+    if architecture is None:
+        raise ValueError("save_packed needs architecture=... (what build_model needs to rebuild the model)")
+    tensors, meta = serialize(model, architecture)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+    return path
+
+
+def read_packed(path) -> tuple[dict[str, Tensor], dict]:
+    """The tensors and metadata of a packed file, checked; PackedFormatError if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if METADATA_KEY not in header:
+                raise PackedFormatError(f"{path} is a safetensors file but not a packed ABC model "
+                                        f"(no {METADATA_KEY!r} metadata)")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        meta = json.loads(header[METADATA_KEY])
+    except PackedFormatError:
+        raise
+    except Exception as error:  # safetensors' own errors, bad JSON, truncated files
+        raise PackedFormatError(f"{path} is not a readable packed ABC model file: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PackedFormatError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("version") != VERSION:
+        raise PackedFormatError(f"{path}: format version {meta.get('version')} (this code reads {VERSION})")
+    for key, digest in meta.get("sha256", {}).items():
+        if key not in tensors or _digest(tensors[key]) != digest:
+            raise PackedFormatError(f"{path}: tensor {key!r} is missing or corrupt (checksum mismatch)")
+    if set(tensors) != set(meta.get("sha256", {})):
+        raise PackedFormatError(f"{path}: unexpected tensors {sorted(set(tensors) - set(meta['sha256']))}")
+    return tensors, meta
+
+
+def _build_layer(entry: dict, bits: Tensor, floats: Tensor, offset: int) -> tuple[PackedABCLayer, int]:
+    M, N, scope = entry["M"], entry["N"], entry["scope"]
+    out = entry["out_channels"] if entry["type"] == "conv2d" else entry["out_features"]
+    shapes = {"alphas": (M,) if scope == "per_layer" else (M, out), "shifts": (N,), "betas": (N,)}
+    if entry["bias"]:
+        shapes["bias"] = (out,)
+    parts = {}
+    for key, shape in shapes.items():
+        count = math.prod(shape)
+        if offset + count > floats.numel():
+            raise PackedFormatError("float data too short for the layers it describes")
+        parts[key] = floats[offset:offset + count].view(shape)
+        offset += count
+    start, count = entry["bits"]
+    if start < 0 or start + count > bits.numel():
+        raise PackedFormatError(f"layer {entry['name']}: bits out of range")
+    parts["weight_bits"] = bits[start:start + count]
+    if entry["type"] == "conv2d":
+        layer = PackedABCConv2d(entry["in_channels"], out, entry["kernel_size"], entry["stride"], entry["padding"],
+                                entry["dilation"], entry["groups"], entry["padding_mode"], M=M, N=N, scope=scope,
+                                **parts)
+    elif entry["type"] == "linear":
+        layer = PackedABCLinear(entry["in_features"], out, M=M, N=N, scope=scope, **parts)
+    else:
+        raise PackedFormatError(f"unknown layer type {entry['type']!r}")
+    return layer, offset
+
+
+def load_packed(path) -> nn.Module:
+    """Rebuild the model saved by :func:`save_packed`: the float architecture from ``build_model``,
+    the converted layers replaced by packed layers from the file, the rest of the state dict
+    loaded; in eval mode. No pickle, no Hydra. Raises :class:`PackedFormatError` for a file that is
+    not a packed model or is corrupt."""
+    tensors, meta = read_packed(path)
+    try:
+        arch = meta["architecture"]
+        model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
+                            **arch.get("options", {}))
+        bits, floats = tensors["bits"], tensors["floats"]
+        if bits.dtype != torch.uint8 or floats.dtype != torch.float32:
+            raise PackedFormatError("bits must be uint8 and floats float32")
+        offset = 0
+        for entry in meta["layers"]:
+            original = model.get_submodule(entry["name"])
+            layer, offset = _build_layer(entry, bits, floats, offset)
+            expected = (nn.Conv2d if entry["type"] == "conv2d" else nn.Linear)
+            if type(original) is not expected or tuple(original.weight.shape) != layer.weight_shape:
+                raise PackedFormatError(f"layer {entry['name']}: the file's {entry['type']} "
+                                        f"{layer.weight_shape} does not match the architecture's {original}")
+            _set_module(model, entry["name"], layer)
+        state, int_offset = {}, 0
+        ints = tensors.get("ints", torch.zeros(0, dtype=torch.long))
+        for key, kind, shape in meta["rest"]:
+            count = math.prod(shape)
+            source, start = (floats, offset) if kind == "f" else (ints, int_offset)
+            if start + count > source.numel():
+                raise PackedFormatError("state data too short for the entries it describes")
+            state[key] = source[start:start + count].view(shape)
+            if kind == "f":
+                offset += count
+            else:
+                int_offset += count
+        if offset != floats.numel() or int_offset != ints.numel():
+            raise PackedFormatError("the file holds more data than its metadata describes")
+        reference = model.state_dict()
+        for key, value in state.items():
+            if key not in reference or tuple(reference[key].shape) != tuple(value.shape):
+                raise PackedFormatError(f"state entry {key} {tuple(value.shape)} does not fit the architecture")
+            state[key] = value.to(reference[key].dtype)
+        missing = [key for key in reference if key not in state and not key.endswith("num_batches_tracked")
+                   and not any(key.startswith(f"{e['name']}.") for e in meta["layers"])]
+        if missing:
+            raise PackedFormatError(f"the file lacks state entries {missing[:5]}")
+        model.load_state_dict(state, strict=False)
+    except PackedFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        raise PackedFormatError(f"{path}: inconsistent packed model file ({type(error).__name__}: {error})") from error
+    return model.eval()
+
+
+def _header_bytes(path) -> int:
+    with open(path, "rb") as handle:
+        return 8 + struct.unpack("<Q", handle.read(8))[0]
+
+
+def packed_size_report(source, architecture: dict | None = None) -> dict:
+    """Sizes of a packed model file (a path) or of the file a model would give (a packed or
+    converted eval-mode model; pass ``architecture`` to count the float model exactly):
+
+    ``file_bytes``, ``header_bytes``, ``binary_weight_bytes`` (the packed bits), ``float_bytes`` (the
+    rest), ``binary_weights`` (count), ``bits_per_binary_weight`` (8 · binary bytes / count, ≈ M),
+    ``fp32_bytes`` (the float model's parameters and floating buffers at 32 bit) and ``ratio``
+    (fp32_bytes / file_bytes)."""
+    if isinstance(source, (str, os.PathLike)):
+        tensors, meta = read_packed(source)
+        file_bytes, header = os.path.getsize(source), _header_bytes(source)
+    else:
+        from safetensors.torch import save
+
+        tensors, meta = serialize(source, architecture)
+        blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+        file_bytes, header = len(blob), 8 + struct.unpack("<Q", blob[:8])[0]
+    arch = meta.get("architecture") or architecture
+    binary = sum(math.prod((e["out_channels"], e["in_channels"] // e["groups"], *e["kernel_size"]))
+                 if e["type"] == "conv2d" else e["out_features"] * e["in_features"] for e in meta["layers"])
+    if arch:
+        float_model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
+                                  **arch.get("options", {}))
+        fp32 = 4 * (sum(p.numel() for p in float_model.parameters())
+                    + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
+    else:  # estimate: the original float weights of the packed layers plus the stored rest
+        rest = sum(math.prod(shape) for _, kind, shape in meta["rest"] if kind == "f")
+        fp32 = 4 * (binary + rest)
+    bit_bytes = tensors["bits"].numel()
+    return {"file_bytes": file_bytes, "header_bytes": header, "binary_weight_bytes": bit_bytes,
+            "float_bytes": file_bytes - header - bit_bytes, "binary_weights": binary,
+            "bits_per_binary_weight": 8 * bit_bytes / binary if binary else 0.0, "fp32_bytes": fp32,
+            "ratio": fp32 / file_bytes}

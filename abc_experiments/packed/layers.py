@@ -1,0 +1,299 @@
+"""Packed (inference-only) ABC layers: the M weight bases stored as bits, the input binarized and
+packed into N bit-planes at run time, and M·N binary convolutions done with xor and popcount::
+
+    out = Σₘ Σₙ αₘ βₙ (K − 2·popcount(Bₘ xor Aₙ)) + bias
+
+where K = C_in·kh·kw. This equals the eval-mode fused ``ABCConv2d`` / ``ABCLinear``
+(``conv(Σₙ βₙ Hₙ(x), Σₘ αₘ Bₘ) + bias``, Hₙ(x) = +1 iff x + vₙ ≥ 0.5, computed in float32 exactly as
+the float layer does, with the shift vₙ rather than a rounded threshold).
+
+Zero padding: F.conv2d pads the binarized input with 0, which is neither +1 nor −1. The kernel
+packs padded pixels as −1 and the exact correction Sₘ = Σ over the out-of-bounds taps of Σ_c Bₘ
+(per output channel and position) goes into a border term computed once per input size::
+
+    out = bias + Σβ·Σₘ αₘ Sₘ  +  Σₘₙ (−2 αₘ βₙ)(popcount − K/2)
+
+(the second form of the same sum: centred counts keep both parts at the output's magnitude).
+
+Layers with groups > 1, a padding mode other than "zeros" or string padding, inputs that are not
+float32 on the CPU, and the ``reference`` path compute the fused float form from the unpacked
+weights instead (same numbers as the float layer). Layers with N = 0 (full-precision activations)
+keep their weights packed in the file and unpack them to float once, at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.layers import ABCConv2d, ABCLinear
+from ..nn.weights import combine
+from . import _ext, ops
+from ._bits import pack_bits, pack_words, unpack_bits
+
+log = logging.getLogger(__name__)
+
+
+def _staircase(x: Tensor, shifts: Tensor, betas: Tensor) -> Tensor:
+    """Σₙ βₙ Hₙ(x) in the float layer's order of operations (so the results are bit-identical)."""
+    out = None
+    for v, b in zip(shifts.to(x.dtype).unbind(), betas.to(x.dtype).unbind()):
+        term = torch.where(x + v >= 0.5, b, -b)
+        out = term if out is None else out + term
+    return out
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class PackedABCLayer(nn.Module):
+    """What the packed conv and linear layers share: the stored tensors, their validation, the
+    unpacked float weight for the reference path and the kernel's weight layout.
+
+    Persistent buffers: ``weight_bits`` (uint8, M·numel(W) bits, dense, element order (m, *W.shape),
+    bit i at bit i % 8 of byte i // 8), ``alphas`` ((M,) per layer or (M, C_out) per channel),
+    ``shifts`` and ``betas`` ((N,), empty for N = 0) and ``bias`` (or None).
+    """
+
+    kind = ""
+
+    def _setup(self, weight_shape, M, N, scope, weight_bits, alphas, shifts, betas, bias):
+        self.M, self.N, self.scope = int(M), int(N), scope
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        C_out, numel = self.weight_shape[0], math.prod(self.weight_shape)
+        if self.M < 1 or self.N < 0:
+            raise ValueError(f"bad M = {M} or N = {N}")
+        if scope not in ("per_layer", "per_channel"):
+            raise ValueError(f"unknown scope {scope!r}")
+        expected = {
+            "weight_bits": (weight_bits, torch.uint8, ((self.M * numel + 7) // 8,)),
+            "alphas": (alphas, torch.float32, (self.M,) if scope == "per_layer" else (self.M, C_out)),
+            "shifts": (shifts, torch.float32, (self.N,)),
+            "betas": (betas, torch.float32, (self.N,)),
+        }
+        if bias is not None:
+            expected["bias"] = (bias, torch.float32, (C_out,))
+        for name, (tensor, dtype, shape) in expected.items():
+            if not isinstance(tensor, Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(f"{self.kind} {name}: expected {dtype} {shape}, got {got}")
+            self.register_buffer(name, tensor.detach().clone().contiguous())
+        if bias is None:
+            self.register_buffer("bias", None)
+        bits = unpack_bits(self.weight_bits, self.M * numel).view(self.M, *self.weight_shape)
+        bases = torch.where(bits, 1.0, -1.0)
+        # Σ αₘ Bₘ exactly as the float layer forms it (reference path, N = 0 layers, fallbacks)
+        self.register_buffer("weight_hat", combine(self.alphas, bases), persistent=False)
+        self.K = numel // C_out
+        self.native = False
+        return bits, bases
+
+    def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
+        """The kernel's layout: weights (M, COB, kh, kw, Wc, 8) int64 with the same word of 8 output
+        channels side by side, and coef (M, N, COB·8) = −2 αₘ[co] βₙ."""
+        M, C_out = self.M, self.weight_shape[0]
+        COB = (C_out + 7) // 8
+        by_tap = bits.reshape(M, C_out, -1, kh, kw).permute(0, 1, 3, 4, 2)  # (M, C_out, kh, kw, C_in)
+        words = pack_words(by_tap)  # (M, C_out, kh, kw, Wc)
+        words = F.pad(words, (0, 0, 0, 0, 0, 0, 0, COB * 8 - C_out))
+        wk = words.view(M, COB, 8, kh, kw, -1).permute(0, 1, 3, 4, 5, 2).contiguous()
+        alphas = self.alphas.double()
+        alphas = alphas.view(M, 1).expand(M, C_out) if alphas.dim() == 1 else alphas
+        coef = -2.0 * alphas.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
+        coef = F.pad(coef, (0, COB * 8 - C_out)).float().contiguous()
+        self.register_buffer("_wk", wk, persistent=False)
+        self.register_buffer("_coef", coef, persistent=False)
+        self.register_buffer("_alpha_by_channel", alphas, persistent=False)  # float64 (M, C_out)
+        self.register_buffer("_rowsums", bases.double().sum(2).reshape(M * C_out, 1, kh, kw) if bases.dim() == 5
+                             else None, persistent=False)
+        self.native = True
+
+    def _use_native(self, x: Tensor) -> str | None:
+        """The native path to run ``x`` on, or None for the reference path."""
+        if not self.native or x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        isa = _ext.get_isa()
+        return None if isa == "reference" else isa
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        """The tensors a file keeps for this layer (persistent buffers)."""
+        names = ("weight_bits", "alphas", "shifts", "betas") + (("bias",) if self.bias is not None else ())
+        return {name: getattr(self, name) for name in names}
+
+    def binary_weights(self) -> int:
+        return math.prod(self.weight_shape)
+
+
+class PackedABCConv2d(PackedABCLayer):
+    """Inference-only packed version of an eval-mode :class:`~abc_experiments.nn.ABCConv2d`."""
+
+    kind = "conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, padding_mode: str = "zeros", *, M: int, N: int, scope: str,
+                 weight_bits: Tensor, alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups = {groups} must divide in_channels = {in_channels} and out_channels = "
+                             f"{out_channels}")
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        bits, bases = self._setup(shape, M, N, scope, weight_bits, alphas, shifts, betas, bias)
+        if self.padding == "valid":
+            self.padding = (0, 0)
+        self._bterms: dict[tuple[int, int], Tensor] = {}
+        reasons = []
+        if self.groups != 1:
+            reasons.append(f"groups = {self.groups}")
+        if self.padding_mode != "zeros":
+            reasons.append(f"padding_mode = {self.padding_mode!r}")
+        if isinstance(self.padding, str):
+            reasons.append(f"padding = {self.padding!r}")
+        if self.N > 0 and not reasons:
+            self._prepare_kernel(bits, bases, *self.kernel_size)
+        elif self.N > 0:
+            log.info("packed conv %s: %s has no binary kernel; using the float reference path",
+                     self.extra_repr(), ", ".join(reasons))
+
+    @classmethod
+    def from_abc(cls, layer: ABCConv2d) -> "PackedABCConv2d":
+        """Pack an eval-mode ABCConv2d (its frozen alphas, bases, shifts, betas and bias)."""
+        _check_eval(layer)
+        with torch.no_grad():
+            bases = layer.weight_binarizer.compute_bases(layer.weight.detach()).float().cpu()
+            act = layer.activation_binarizer
+            shifts = act.shifts.detach().float().cpu() if layer.N else torch.zeros(0)
+            betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
+            return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                       layer.dilation, layer.groups, layer.padding_mode, M=layer.M, N=layer.N,
+                       scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
+                       alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
+                       bias=None if layer.bias is None else layer.bias.detach().float().cpu())
+
+    def config(self) -> dict:
+        """Hyper-parameters (JSON-able) to rebuild the layer with the stored tensors."""
+        return {"type": self.kind, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode,
+                "M": self.M, "N": self.N, "scope": self.scope, "bias": self.bias is not None}
+
+    def border_term(self, H: int, W: int) -> Tensor:
+        """bias + Σβ·Σₘ αₘ Sₘ for an H×W input: (C_out, OH, OW) float32, cached per input size."""
+        key = (H, W)
+        if key not in self._bterms:
+            (ph, pw), (kh, kw) = self.padding, self.kernel_size
+            outside = torch.ones(1, 1, H + 2 * ph, W + 2 * pw, dtype=torch.float64)
+            outside[..., ph:ph + H, pw:pw + W] = 0
+            S = F.conv2d(outside, self._rowsums, stride=self.stride, dilation=self.dilation)[0]
+            S = S.view(self.M, self.out_channels, *S.shape[-2:])
+            term = self.betas.double().sum() * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
+            if self.bias is not None:
+                term = term + self.bias.double().view(-1, 1, 1)
+            if len(self._bterms) >= 16:
+                self._bterms.clear()
+            self._bterms[key] = term.float().contiguous()
+        return self._bterms[key]
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The fused float form conv(Σβₙ Hₙ(x), Σ αₘ Bₘ) + bias (what the float layer computes)."""
+        a = _staircase(x, self.shifts, self.betas) if self.N else x
+        weight = self.weight_hat.to(x.device, x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            return F.conv2d(F.pad(a, (pw, pw, ph, ph), mode=self.padding_mode), weight, bias, self.stride, 0,
+                            self.dilation, self.groups)
+        return F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        isa = self._use_native(x) if x.dim() == 4 else None
+        if isa is None:
+            return self.reference_forward(x)
+        x = x.contiguous()
+        return ops.packed_conv2d(x, self._wk, self._coef, self.border_term(x.shape[2], x.shape[3]), self.shifts,
+                                 self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                                 self.K / 2, isa)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, M={self.M}, N={self.N}, "
+                f"scope={self.scope}, bias={self.bias is not None}")
+
+
+class PackedABCLinear(PackedABCLayer):
+    """Inference-only packed version of an eval-mode :class:`~abc_experiments.nn.ABCLinear`."""
+
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, *, M: int, N: int, scope: str, weight_bits: Tensor,
+                 alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        bits, bases = self._setup((self.out_features, self.in_features), M, N, scope, weight_bits, alphas, shifts,
+                                  betas, bias)
+        if self.N > 0:
+            self._prepare_kernel(bits.view(self.M, self.out_features, self.in_features, 1, 1), bases, 1, 1)
+            # no padding, so the border term is just the bias
+            term = self.bias if self.bias is not None else torch.zeros(self.out_features)
+            self.register_buffer("_bterm", term.float().contiguous(), persistent=False)
+
+    @classmethod
+    def from_abc(cls, layer: ABCLinear) -> "PackedABCLinear":
+        """Pack an eval-mode ABCLinear."""
+        _check_eval(layer)
+        with torch.no_grad():
+            bases = layer.weight_binarizer.compute_bases(layer.weight.detach()).float().cpu()
+            act = layer.activation_binarizer
+            shifts = act.shifts.detach().float().cpu() if layer.N else torch.zeros(0)
+            betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
+            return cls(layer.in_features, layer.out_features, M=layer.M, N=layer.N,
+                       scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
+                       alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
+                       bias=None if layer.bias is None else layer.bias.detach().float().cpu())
+
+    def config(self) -> dict:
+        return {"type": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "M": self.M, "N": self.N, "scope": self.scope, "bias": self.bias is not None}
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        a = _staircase(x, self.shifts, self.betas) if self.N else x
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        return F.linear(a, self.weight_hat.to(x.device, x.dtype), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        isa = self._use_native(x) if x.dim() >= 1 else None
+        if isa is None:
+            return self.reference_forward(x)
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = ops.packed_linear(rows, self._wk, self._coef, self._bterm, self.shifts, self.out_features,
+                                self.K / 2, isa)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, N={self.N}, "
+                f"scope={self.scope}, bias={self.bias is not None}")
+
+
+def _check_eval(layer: nn.Module) -> None:
+    if layer.training:
+        raise RuntimeError(f"cannot pack {type(layer).__name__} in training mode: its alphas are refitted every "
+                           "step. Call model.eval() first (that fits and freezes them).")
+
+
+def pack_layer(layer: nn.Module) -> PackedABCLayer:
+    """The packed version of an eval-mode ABCConv2d or ABCLinear."""
+    if isinstance(layer, ABCConv2d):
+        return PackedABCConv2d.from_abc(layer)
+    if isinstance(layer, ABCLinear):
+        return PackedABCLinear.from_abc(layer)
+    raise TypeError(f"expected an ABCConv2d or ABCLinear, got {type(layer).__name__}")
