@@ -128,25 +128,6 @@ def _job_line(run_dir: Path) -> str:
     return f"{summary.status}: test acc {accs} ({summary.wall_time_s.get('total', 0):.0f} s; log in {run_dir.name}/)"
 
 
-def sweep_report(sweep_dir: Path) -> tuple[str, int]:
-    """One line per job of a finished sweep and the number of jobs that did not finish."""
-    jobs = sorted(path.parent.parent for path in sweep_dir.glob("*/.hydra/config.yaml"))
-    width = max([len(job.name) for job in jobs] + [3])
-    lines = [f"{'job':<{width}} {'status':<11} {'fp':>7} {'conv':>7} {'finetuned':>9}"]
-    failed = 0
-    for job in jobs:
-        try:
-            summary = RunSummary.read(job / SUMMARY_FILE)
-            status = summary.effective_status()
-        except (OSError, ValueError):
-            summary, status = None, "no summary"
-        failed += status != FINISHED
-        accs = [getattr(getattr(summary, stage, None), "acc", None) for stage in ("fp", "converted", "finetuned")]
-        cells = ["-" if acc is None else f"{acc:.2f}" for acc in accs]
-        lines.append(f"{job.name:<{width}} {status:<11} {cells[0]:>7} {cells[1]:>7} {cells[2]:>9}")
-    return "\n".join(lines), failed
-
-
 class RunCallbacks(Callback):
     """Hydra callbacks of ``abc-run`` (configured in ``conf/hydra/default.yaml``)."""
 
@@ -163,17 +144,19 @@ class RunCallbacks(Callback):
             sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from .report import compact_table, find_job_dirs, load_jobs  # light: no torch, no matplotlib
+
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-        if not sweep_dir.is_dir():
+        jobs = load_jobs(find_job_dirs(sweep_dir), sweep_dir) if sweep_dir.is_dir() else []
+        if not jobs:
             return
-        table, failed = sweep_report(sweep_dir)
-        report = f"abc-report {shlex.quote(str(sweep_dir))}"
-        total = table.count("\n")
-        print(f"\n{table}\n\nfull report: {report}")
+        failed = sum(job.status != FINISHED for job in jobs)
+        print(f"\n{compact_table(sweep_dir)}\n\nfull report: abc-report {shlex.quote(str(sweep_dir))}")
         if failed:
-            print(f"abc-run: {failed} of {total} job(s) failed (see each job's summary.json and log)", file=sys.stderr)
+            print(f"abc-run: {failed} of {len(jobs)} job(s) failed (see each job's summary.json and log)",
+                  file=sys.stderr)
             sys.exit(1)
-        print(f"abc-run: all {total} job(s) finished")
+        print(f"abc-run: all {len(jobs)} job(s) finished")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://abc_experiments.conf", config_name="config")

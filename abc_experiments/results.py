@@ -149,7 +149,7 @@ class RunSummary:
         if not isinstance(data, dict):
             raise ValueError(f"a run summary is a JSON object, not {type(data).__name__}")
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        abc = data.get("abc") or {}
+        abc = data.get("abc") if isinstance(data.get("abc"), dict) else {}
         values["abc"] = ABCSetting(M=abc.get("M"), N=abc.get("N") or 0, scope=abc.get("scope", "per_layer"))
         for stage in STAGES:
             values[stage] = _from_mapping(StageResult, data.get(stage))

@@ -40,13 +40,13 @@ def test_four_job_sweep_then_abc_report(tmp_path):
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert len(rows) == 4
     assert {"dataset", "model", "M", "N", "finetuned_acc_mean", "fp_acc_mean", "converted_acc_mean",
-            "compression_mean", "wall_time_s_mean"} <= set(rows[0])
+            "compression_mean", "own_time_s_mean", "test_n", "finetuned_acc_se"} <= set(rows[0])
     assert sorted((r["M"], r["N"]) for r in rows) == [("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
     by_key = {(int(r["M"]), int(r["N"])): r for r in rows}
     job_22 = next(s for s in jobs.values() if s["abc"] == {"M": 2, "N": 2, "scope": "per_layer"})
     assert float(by_key[2, 2]["finetuned_acc_mean"]) == pytest.approx(job_22["finetuned"]["acc"])
     markdown = (sweep / "report.md").read_text()
-    assert markdown.count("| digits | seed_cnn |") == 4
+    assert markdown.split("## Results")[1].split("\n## ")[0].count("| digits | seed_cnn |") == 4
     for name in ("accuracy_heatmap.png", "accuracy_vs_size.png"):
         path = sweep / name
         assert path.read_bytes()[:8] == PNG and imread(path).shape[0] > 100
