@@ -49,7 +49,8 @@ def read_run(run_dir: str | Path) -> RunSummary:
     status = summary.effective_status()
     if status != FINISHED:
         hint = "resume it with resume=true first" if status in ("interrupted", "running") else "see its error"
-        raise RunError(f"{run_dir} is a {status} run, not a finished one ({hint}{': ' + summary.error if summary.error else ''})")
+        error = f": {summary.error}" if summary.error else ""
+        raise RunError(f"the run in {run_dir} is {status}, not finished ({hint}{error})")
     if not summary.config or summary.input_shape is None or summary.num_classes is None:
         raise RunError(f"{path} lacks the config or the input shape (written by an older abc-run): "
                        "run the experiment again to reopen it")
@@ -101,19 +102,14 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch
     return model.to(map_location).eval()
 
 
-def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), which: str = "best",
-                 device: str = "cpu") -> dict:
-    """Accuracy (%), loss and images/s of a run's model on its own test split, or on the dataset
-    that ``overrides`` (``data.root=...``, ``dataset.name=...``) describe."""
-    from .training import evaluate  # torch-heavy imports only when evaluating
-
-    summary = read_run(run_dir)
+def test_loader(summary: RunSummary, overrides: Sequence[str] = (), device: str = "cpu"):
+    """(loader of the test split, config) for a run: its own dataset and split, or the one that
+    ``overrides`` (``data.root=...``, ``dataset.name=...``) describe."""
     config = OmegaConf.create(summary.config)
     try:
         config.merge_with_dotlist(list(overrides))
     except Exception as error:  # omegaconf's errors for a malformed or unknown key
         raise RunError(f"bad override ({error})") from None
-    model = load_run(run_dir, which, device)
     splits = build_datasets(str(config.dataset.name), root=str(Path(config.data.root).expanduser()),
                             download=config.data.download, val_fraction=config.data.val_fraction, seed=config.seed)
     if [splits.in_channels, splits.image_size, splits.image_size] != summary.input_shape:
@@ -121,12 +117,31 @@ def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), which: str 
                        f"{splits.image_size} images; the model takes {'x'.join(map(str, summary.input_shape))}")
     loader = build_loaders(splits, batch_size=1, eval_batch_size=config.finetune.eval_batch_size,
                            num_workers=config.data.num_workers, device=device, seed=config.seed)["test"]
+    return loader, config
+
+
+def evaluate_model(model: nn.Module, loader, device: str = "cpu", precision: str = "32",
+                   channels_last: bool = False) -> dict:
+    """Accuracy (%), loss, image count and images/s of ``model`` over ``loader``."""
+    from .training import evaluate  # torch-heavy imports only when evaluating
+
     started = time.perf_counter()
-    metrics = evaluate(model, loader, torch.device(device), str(config.get("precision", "32")),
-                       bool(config.get("channels_last", False)))
+    metrics = evaluate(model, loader, torch.device(device), precision, channels_last)
     seconds = time.perf_counter() - started
     return {"acc": metrics.acc, "loss": metrics.loss, "images": metrics.count,
-            "images_per_s": metrics.count / max(seconds, 1e-9), "run_finetuned_acc": summary.finetuned.acc}
+            "images_per_s": metrics.count / max(seconds, 1e-9)}
+
+
+def evaluate_run(run_dir: str | Path, overrides: Sequence[str] = (), which: str = "best",
+                 device: str = "cpu") -> dict:
+    """Accuracy (%), loss and images/s of a run's model on its own test split, or on the dataset
+    that ``overrides`` describe; also the accuracy the run itself reported."""
+    summary = read_run(run_dir)
+    loader, config = test_loader(summary, overrides, device)
+    model = load_run(run_dir, which, device)
+    result = evaluate_model(model, loader, device, str(config.get("precision", "32")),
+                            bool(config.get("channels_last", False)))
+    return {**result, "run_finetuned_acc": summary.finetuned.acc}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

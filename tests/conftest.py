@@ -21,3 +21,21 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One tiny run of resnet20 (its convs have no bias: calibration adds them) on digits."""
+    from helpers import TINY
+
+    from abc_experiments.pipeline import run
+
+    root = tmp_path_factory.mktemp("finished")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="abc_experiments.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"run_dir={root / 'run'}", f"cache_dir={root / 'cache'}", *TINY, "model=resnet20",
+            "finetune.epochs=2", "pretrain.epochs=1"])
+    GlobalHydra.instance().clear()
+    run(cfg)
+    return root / "run"

@@ -1,4 +1,5 @@
-"""Reopening a finished run: load_run and abc-eval reproduce its numbers; bad run dirs say why."""
+"""Reopening a finished run: load_run, abc-eval and abc-export reproduce its numbers; bad run dirs
+say why."""
 
 from __future__ import annotations
 
@@ -10,25 +11,8 @@ from helpers import TINY, read_summary, run_cli
 
 from abc_experiments import load_run
 from abc_experiments.nn import abc_layers
-from abc_experiments.pipeline import run
+from abc_experiments.export import MODEL_FILE, REPORT_FILE, export_run
 from abc_experiments.runs import RunError, evaluate_run
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One tiny run of resnet20 (its convs have no bias: calibration adds them) on digits."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    root = tmp_path_factory.mktemp("finished")
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="abc_experiments.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"run_dir={root / 'run'}", f"cache_dir={root / 'cache'}", *TINY, "model=resnet20",
-            "finetune.epochs=2", "pretrain.epochs=1"])
-    GlobalHydra.instance().clear()
-    run(cfg)
-    return root / "run"
 
 
 def test_load_run_and_abc_eval_reproduce_the_finetuned_accuracy_exactly(finished_run):
@@ -65,7 +49,7 @@ def test_load_run_errors_name_what_is_wrong(finished_run, tmp_path):
     failed.mkdir()
     summary = json.loads((finished_run / "summary.json").read_text())
     (failed / "summary.json").write_text(json.dumps({**summary, "status": "failed", "error": "boom"}))
-    with pytest.raises(RunError, match="is a failed run, not a finished one.*boom"):
+    with pytest.raises(RunError, match="is failed, not finished.*boom"):
         load_run(failed)
     (failed / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(RunError, match="finetuned.pt does not exist"):
@@ -79,3 +63,32 @@ def test_load_run_errors_name_what_is_wrong(finished_run, tmp_path):
         load_run(failed)
     with pytest.raises(ValueError, match="which='worst'"):
         load_run(finished_run, which="worst")
+
+
+def test_abc_export_packed_accuracy_equals_the_finetuned_accuracy(finished_run, tmp_path):
+    report = export_run(finished_run, tmp_path / "export")
+    summary = read_summary(finished_run)
+    assert report["packed_acc"] == report["finetuned_acc"] == summary["finetuned"]["acc"]
+    assert report["test_size"] == 359 and report["M"] == 2 and report["N"] == 2
+    path = tmp_path / "export" / MODEL_FILE
+    assert report["file_bytes"] == path.stat().st_size and report["file_bytes"] < report["fp32_bytes"]
+    assert report["bits_per_binary_weight"] == pytest.approx(2, abs=0.05)  # M bits, padded to whole words
+    assert json.loads((tmp_path / "export" / REPORT_FILE).read_text()) == report
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.read_bytes()[8:9] == b"{" and header_length < 1 << 20  # a safetensors header, no pickle
+
+
+@pytest.mark.slow
+def test_abc_export_command_and_its_bad_inputs(finished_run, tmp_path):
+    result = run_cli([str(finished_run), "--out", str(tmp_path / "out")], cwd=tmp_path, name="abc-export")
+    assert result.returncode == 0, result.stderr
+    assert "packed accuracy (file)" in result.stdout and "bits per binary weight" in result.stdout
+    for bad, message in ((tmp_path / "nowhere", "is not a directory"), (tmp_path, "holds no summary.json")):
+        result = run_cli([str(bad)], cwd=tmp_path, name="abc-export")
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    summary = json.loads((finished_run / "summary.json").read_text())
+    (unfinished / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    result = run_cli([str(unfinished)], cwd=tmp_path, name="abc-export")
+    assert result.returncode == 1 and "is interrupted, not finished (resume it with resume=true" in result.stderr
