@@ -1,0 +1,327 @@
+"""Packed inference (abc_experiments.packed): packed layers equal the eval-mode float ABC layers on
+every kernel path this machine runs, whole converted models give the same logits, and the
+pickle-free file round-trips exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from abc_experiments import packed as P
+from abc_experiments.models import build_model
+from abc_experiments.nn import ABCConv2d, ABCLinear, calibrate, convert
+from abc_experiments.packed import _bits, _ext
+
+PATHS = ("avx512", "avx2", "portable", "reference")
+
+
+def need(isa: str) -> None:
+    """Skip (with the reason) a kernel path this machine cannot run."""
+    if isa == "reference":
+        return
+    if not P.extension_available():
+        pytest.skip(f"the C++ extension is unavailable: {P.extension_error()}")
+    if isa not in P.cpu_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (it runs {', '.join(P.cpu_isas())})")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def randomize_activations(layer, generator) -> None:
+    """Non-default shifts (multiples of 1/8, so inputs can hit thresholds exactly) and betas."""
+    if layer.N == 0:
+        return
+    with torch.no_grad():
+        act = layer.activation_binarizer
+        act.shifts.copy_(torch.randint(-4, 5, (layer.N,), generator=generator) / 8.0)
+        act.betas.copy_(torch.rand(layer.N, generator=generator) + 0.05)
+
+
+def tie_input(shape, shifts, generator) -> torch.Tensor:
+    """Normal values, a third of them replaced by exact thresholds 0.5 − vₙ (x + vₙ == 0.5)."""
+    x = torch.randn(shape, generator=generator)
+    if shifts.numel():
+        ties = 0.5 - shifts[torch.randint(shifts.numel(), shape, generator=generator)]
+        x = torch.where(torch.rand(shape, generator=generator) < 0.33, ties, x)
+    return x
+
+
+# (C_in, C_out, kernel, stride, padding, dilation, H, W, M, N, scope, bias)
+CONV_CASES = [
+    (17, 33, 3, 1, 1, 1, 9, 11, 1, 1, "per_layer", True),
+    (17, 33, 3, 2, 1, 1, 13, 10, 3, 3, "per_channel", False),
+    (64, 64, 3, 1, 1, 1, 12, 12, 2, 5, "per_layer", True),
+    (70, 9, (3, 5), (2, 1), (2, 0), (1, 2), 11, 14, 5, 2, "per_channel", True),
+    (3, 16, 5, 1, 2, 1, 8, 8, 5, 5, "per_layer", False),
+    (130, 24, 1, 2, 0, 1, 7, 9, 3, 1, "per_channel", True),
+    (32, 8, 3, 1, 3, 3, 10, 10, 1, 3, "per_layer", True),
+    (8, 40, 2, 3, 1, 1, 16, 5, 2, 2, "per_channel", False),
+    (5, 7, 3, 1, 0, 1, 3, 3, 1, 7, "per_layer", True),  # N > 5: planes in chunks
+]
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_conv_matches_float_layer(isa, case):
+    need(isa)
+    cin, cout, k, s, p, d, H, W, M, N, scope, bias = CONV_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    layer = ABCConv2d.from_conv(nn.Conv2d(cin, cout, k, s, p, d, bias=bias), M, N, scope=scope).eval()
+    randomize_activations(layer, g)
+    packed = P.PackedABCConv2d.from_abc(layer)
+    assert packed.native
+    for batch in (1, 3):
+        x = tie_input((batch, cin, H, W), layer.activation_binarizer.shifts.detach(), g)
+        with torch.no_grad():
+            ref = layer(x)
+        with P.use_isa(isa):
+            out = packed(x)
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("M,N,scope,features", [(1, 1, "per_layer", (64, 10)), (3, 2, "per_channel", (100, 37)),
+                                                (2, 5, "per_layer", (3136, 65)), (5, 3, "per_channel", (7, 3))])
+def test_linear_matches_float_layer(isa, M, N, scope, features):
+    need(isa)
+    g = torch.Generator().manual_seed(M * 10 + N)
+    layer = ABCLinear.from_linear(nn.Linear(*features), M, N, scope=scope).eval()
+    randomize_activations(layer, g)
+    packed = P.PackedABCLinear.from_abc(layer)
+    for rows in (1, 5, 33):
+        x = tie_input((rows, features[0]), layer.activation_binarizer.shifts.detach(), g)
+        with torch.no_grad():
+            ref = layer(x)
+        with P.use_isa(isa):
+            out = packed(x)
+        assert rel_err(out, ref) <= 1e-5
+    with P.use_isa(isa):  # extra leading dimensions
+        assert packed(x.view(1, rows, -1)).shape == (1, rows, features[1])
+
+
+@pytest.mark.parametrize("isa", ("avx512", "avx2", "portable"))
+def test_activation_packing(isa):
+    need(isa)
+    g = torch.Generator().manual_seed(1)
+    shifts = torch.tensor([0.25, -0.125, 0.0])
+    x = tie_input((2, 75, 5, 13), shifts, g)
+    words = P.ops.pack_activations(x, shifts, (1, 2), isa=isa)
+    assert words.shape == (2, 7, 17, 3, 2)
+    bits = (x.unsqueeze(0) + shifts.view(-1, 1, 1, 1, 1)) >= 0.5  # (N, B, C, H, W)
+    expected = torch.zeros(2, 7, 17, 3, 2, dtype=torch.int64)
+    expected[:, 1:6, 2:15] = _bits.pack_words(bits.permute(1, 3, 4, 0, 2))
+    assert torch.equal(words, expected)
+    rows = P.ops.pack_rows(x[:, :, 0, 0].contiguous(), shifts, isa=isa)
+    assert torch.equal(rows, _bits.pack_words(bits[:, :, :, 0, 0].permute(1, 0, 2)))
+
+
+def test_bits_round_trip():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.rand(3, 5, 7, generator=g) < 0.5
+    assert torch.equal(_bits.unpack_bits(_bits.pack_bits(bits), bits.numel()).view(bits.shape), bits)
+    assert _bits.pack_bits(bits).numel() == math.ceil(105 / 8)
+    words = _bits.pack_words(bits)
+    assert words.shape == (3, 5, 1) and torch.equal(_bits.unpack_words(words, 7), bits)
+
+
+def test_op_wrappers_check_inputs():
+    need("portable")
+    shifts = torch.zeros(1)
+    with pytest.raises(TypeError, match="float32"):
+        P.ops.pack_activations(torch.zeros(1, 2, 3, 3, dtype=torch.float64), shifts, isa="portable")
+    with pytest.raises(ValueError, match="contiguous"):
+        P.ops.pack_activations(torch.zeros(1, 3, 3, 2).permute(0, 3, 1, 2), shifts, isa="portable")
+    with pytest.raises(ValueError, match="4-d"):
+        P.ops.pack_activations(torch.zeros(2, 3, 3), shifts, isa="portable")
+
+
+@pytest.mark.parametrize("isa", ("portable", "reference"))
+def test_fallbacks_groups_and_padding_modes(isa):
+    need(isa)
+    g = torch.Generator().manual_seed(3)
+    for conv in (nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.Conv2d(6, 10, 3, padding=1, padding_mode="reflect"),
+                 nn.Conv2d(6, 10, 3, padding="same", dilation=2)):
+        layer = ABCConv2d.from_conv(conv, 2, 3, scope="per_channel").eval()
+        randomize_activations(layer, g)
+        packed = P.PackedABCConv2d.from_abc(layer)
+        assert not packed.native  # reference path, noted in the log
+        x = tie_input((2, conv.in_channels, 7, 9), layer.activation_binarizer.shifts.detach(), g)
+        with torch.no_grad(), P.use_isa(isa):
+            assert rel_err(packed(x), layer(x)) <= 1e-5
+
+
+def test_full_precision_activation_layers():
+    conv = ABCConv2d.from_conv(nn.Conv2d(17, 33, 3, stride=2, padding=1), 3, 0, scope="per_channel").eval()
+    linear = ABCLinear.from_linear(nn.Linear(50, 20), 2, 0).eval()
+    x = torch.randn(2, 17, 9, 9)
+    for layer, inp in ((conv, x), (linear, torch.randn(4, 50))):
+        packed = P.pack_layer(layer)
+        assert packed.N == 0 and packed.weight_bits.dtype == torch.uint8
+        with torch.no_grad():
+            assert rel_err(packed(inp), layer(inp)) <= 1e-5
+
+
+def test_pack_model_refuses_training_mode():
+    model = build_model("seed_cnn", 1, 28, 10)
+    convert(model, 1, 1)
+    with pytest.raises(RuntimeError, match="eval"):
+        P.pack_model(model)
+    with pytest.raises(ValueError, match="no ABC layers"):
+        P.pack_model(build_model("seed_cnn", 1, 28, 10).eval())
+
+
+def converted(name, shape, M, N, *, linear=False, seed=0):
+    """A converted, calibrated (small samples: seconds) eval-mode model on random data."""
+    torch.manual_seed(seed)
+    model = build_model(name, shape[0], shape[1], 10)
+    report = convert(model, M, N, scope="per_channel", linear=linear)
+    calibrate(model, [torch.randn(4, *shape)], max_samples=4096, iterations=5)
+    return model.eval(), report
+
+
+MODELS = {"seed_cnn": ((1, 28, 28), True), "resnet20": ((3, 32, 32), False)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """seed_cnn (linear=True) and resnet20, converted to ABC(2, 3) and calibrated once."""
+    return {name: converted(name, shape, 2, 3, linear=linear) for name, (shape, linear) in MODELS.items()}
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_same_logits(isa, name, models):
+    need(isa)
+    (shape, linear), (model, report) = MODELS[name], models[name]
+    if linear:
+        assert "fc1" in report.converted
+    packed = P.pack_model(model)
+    assert {n for n, _ in P.packed_layers(packed)} == set(report.converted)
+    assert model.training is False and isinstance(model.get_submodule(report.converted[0]), ABCConv2d)
+    x = torch.randn(4, *shape)
+    with torch.no_grad(), P.use_isa(isa):
+        ref, out = model(x), packed(x)
+    assert rel_err(out, ref) <= 1e-5
+
+
+def file_parts(path):
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    return raw, header_len, json.loads(raw[8:8 + header_len])
+
+
+def test_save_load_round_trip_exact(tmp_path, models):
+    model, report = models["seed_cnn"]
+    packed = P.pack_model(model)
+    arch = {"name": "seed_cnn", "in_channels": 1, "image_size": 28, "num_classes": 10, "options": {},
+            "input_shape": [1, 28, 28]}
+    path = P.save_packed(packed, tmp_path / "model.safetensors", architecture=arch)
+    loaded = P.load_packed(path)
+    assert not loaded.training
+    assert {n for n, _ in P.packed_layers(loaded)} == set(report.converted)
+    x = torch.randn(16, 1, 28, 28)
+    for isa in P.available_isas():
+        with torch.no_grad(), P.use_isa(isa):
+            assert torch.equal(loaded(x), packed(x))
+    # pickle-free: an 8-byte little-endian header length, then the safetensors JSON header
+    raw, header_len, header = file_parts(path)
+    assert raw[8:9] == b"{" and not raw.startswith(b"\x80") and not raw.startswith(b"PK")
+    meta = json.loads(header["__metadata__"]["abc_packed"])
+    assert meta["architecture"]["name"] == "seed_cnn" and meta["M"] == [2] and meta["N"] == [3]
+    # an unpacked eval-mode model is packed on the way
+    P.save_packed(model, tmp_path / "again.safetensors", architecture=arch)
+    assert (tmp_path / "again.safetensors").read_bytes() == raw
+
+
+def test_file_size_is_M_bits_per_weight_plus_floats(tmp_path, models):
+    M = 2
+    model, report = models["resnet20"]
+    arch = {"name": "resnet20", "in_channels": 3, "image_size": 32, "num_classes": 10}
+    path = P.save_packed(model, tmp_path / "r20.safetensors", architecture=arch)
+    raw, header_len, header = file_parts(path)
+    layers = dict(model.named_modules())
+    bit_bytes = sum(math.ceil(M * layers[name].weight.numel() / 8) for name in report.converted)
+    packed_floats = sum(layers[name].weight_binarizer.alphas.numel() + 2 * layers[name].N
+                        + (0 if layers[name].bias is None else layers[name].bias.numel())
+                        for name in report.converted)
+    rest_floats = sum(v.numel() for k, v in model.state_dict().items()
+                      if not k.startswith(tuple(f"{n}." for n in report.converted)) and v.is_floating_point())
+    assert len(raw) == 8 + header_len + bit_bytes + 4 * (packed_floats + rest_floats)
+    sizes = P.packed_size_report(path)
+    assert sizes["file_bytes"] == len(raw) and sizes["binary_weight_bytes"] == bit_bytes
+    binary = sum(layers[name].weight.numel() for name in report.converted)
+    assert sizes["binary_weights"] == binary and M <= sizes["bits_per_binary_weight"] < M + 0.01
+    float_model = build_model("resnet20", 3, 32, 10)
+    assert sizes["fp32_bytes"] == 4 * (sum(p.numel() for p in float_model.parameters())
+                                       + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
+    assert P.packed_size_report(model, architecture=arch)["file_bytes"] == len(raw)
+
+
+def test_corrupt_or_foreign_files_raise(tmp_path, models):
+    from safetensors.torch import save_file
+
+    model, _ = models["seed_cnn"]
+    arch = {"name": "seed_cnn", "in_channels": 1, "image_size": 28, "num_classes": 10}
+    good = P.save_packed(model, tmp_path / "good.safetensors", architecture=arch).read_bytes()
+    _, header_len, _ = file_parts(tmp_path / "good.safetensors")
+    flipped = bytearray(good)
+    flipped[8 + header_len + 5] ^= 0xFF
+    foreign = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    pickled = tmp_path / "pickled.pt"
+    torch.save(model.state_dict(), pickled)
+    cases = {"truncated": good[: len(good) // 2], "garbage": b"\x00" * 64, "flipped": bytes(flipped),
+             "empty": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for path in [tmp_path / name for name in cases] + [foreign, pickled]:
+        with pytest.raises(P.PackedFormatError):
+            P.load_packed(path)
+
+
+def test_isa_selection(monkeypatch):
+    monkeypatch.setenv(P.ENV_VAR, "reference")
+    assert P.get_isa() == "reference"
+    monkeypatch.setenv(P.ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match="unknown packed kernel path"):
+        P.get_isa()
+    monkeypatch.delenv(P.ENV_VAR)
+    assert P.get_isa() == P.available_isas()[0]
+    with P.use_isa("reference"):
+        assert P.get_isa() == "reference"
+    missing = [isa for isa in ("avx512", "avx2") if isa not in P.available_isas()]
+    if missing and P.extension_available():
+        with pytest.raises(RuntimeError, match="cannot run"), P.use_isa(missing[0]):
+            pass
+
+
+def test_unbuildable_extension_warns_once_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("Ninja is required to load C++ extensions (pretend)")
+
+    monkeypatch.setattr(_ext, "_load", broken)
+    monkeypatch.setitem(_ext._state, "loaded", None)
+    monkeypatch.setitem(_ext._state, "error", None)
+    monkeypatch.setitem(_ext._state, "forced", None)
+    monkeypatch.delenv(P.ENV_VAR, raising=False)
+    layer = ABCConv2d.from_conv(nn.Conv2d(4, 8, 3, padding=1), 2, 2).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        packed = P.pack_layer(layer)
+        assert P.get_isa() == "reference" and P.available_isas() == ("reference",)
+        out = packed(x)
+        packed(x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, P.PackedKernelWarning)]
+    assert len(messages) == 1 and "Ninja is required" in messages[0] and "pip install ninja" in messages[0]
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
