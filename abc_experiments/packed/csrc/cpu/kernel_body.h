@@ -163,7 +163,8 @@ static inline void store_tile(const ConvArgs& a, int64_t b, int64_t oy, int64_t 
 }
 
 template <int NNMAX>
-static void conv_tasks(const ConvArgs& a, int64_t ncog, int64_t t0, int64_t t1) {
+static void conv_tasks(const ConvArgs& args, int64_t ncog, int64_t t0, int64_t t1) {
+  const ConvArgs a = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   constexpr int CB = V::template Cfg<NNMAX>::CB, P = V::template Cfg<NNMAX>::P;
   alignas(64) float tile[P * CB * 8];
   const int64_t per_group = (a.COB + ncog - 1) / ncog;

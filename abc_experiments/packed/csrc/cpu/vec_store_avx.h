@@ -39,7 +39,32 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
     }
     return true;
   }
-  if (P != 8 || np != 8 || a.o_x != 1 || a.e_x != 1) return false;
+  if (a.o_x != 1 || a.e_x != 1 || np != P) return false;
+  if (P == 4) {  // 4 positions x 8 channels: two 4x4 transposes (low and high channel halves)
+    for (int64_t j0 = 0; j0 < nco; j0 += 8) {
+      const __m256 q0 = _mm256_loadu_ps(tile + 0 * tile_stride + j0), q1 = _mm256_loadu_ps(tile + 1 * tile_stride + j0);
+      const __m256 q2 = _mm256_loadu_ps(tile + 2 * tile_stride + j0), q3 = _mm256_loadu_ps(tile + 3 * tile_stride + j0);
+      const __m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
+      const __m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
+      // lane half h of u_k holds channel 4h + k: its 4 positions
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m128 rows[8] = {_mm256_castps256_ps128(u0), _mm256_castps256_ps128(u1), _mm256_castps256_ps128(u2),
+                              _mm256_castps256_ps128(u3), _mm256_extractf128_ps(u0, 1), _mm256_extractf128_ps(u1, 1),
+                              _mm256_extractf128_ps(u2, 1), _mm256_extractf128_ps(u3, 1)};
+      const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t co = co0 + j0 + j;
+        float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
+        const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
+        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(e), rows[j]));
+      }
+    }
+    return true;
+  }
+  if (P != 8) return false;
   for (int64_t j0 = 0; j0 < nco; j0 += 8) {
     __m256 r0 = _mm256_loadu_ps(tile + 0 * tile_stride + j0), r1 = _mm256_loadu_ps(tile + 1 * tile_stride + j0);
     __m256 r2 = _mm256_loadu_ps(tile + 2 * tile_stride + j0), r3 = _mm256_loadu_ps(tile + 3 * tile_stride + j0);
