@@ -9,11 +9,13 @@ File layout (safetensors; nothing is unpickled on load):
 * tensor ``ints`` (int64), only if the rest of the state dict has integer entries (other than
   BatchNorm's ``num_batches_tracked``, which inference does not use and is not stored);
 * header metadata ``abc_packed``: JSON with the format version, the architecture (what
-  ``build_model`` needs), every packed layer's name and hyper-parameters, the names and shapes of
-  the other state entries, and a SHA-256 of each tensor's bytes (a corrupt file is refused).
+  ``build_model`` needs), one row per packed layer (``layer_fields``: name, M, N, scope, bias,
+  binary weight count, bit offset and length; the geometry comes from the rebuilt architecture),
+  the SHA-256 of the other state entries' names and shapes (the rebuilt model must match it) and
+  of each tensor's bytes (a corrupt file is refused).
 
-Few large tensors instead of hundreds of small ones keep the header small: for ResNet-20 the
-header would otherwise weigh as much as the packed weights.
+Few large tensors and a compact header instead of hundreds of small tensors: for ResNet-20 a
+per-tensor header would weigh a third as much as the packed weights.
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ def _digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+LAYER_FIELDS = ["name", "M", "N", "scope", "bias", "weights", "bit_offset", "bit_bytes"]
+
+
+def _layout(rest: dict[str, Tensor]) -> list:
+    """[name, "f" (float32) or "i" (int64), shape] of each non-packed state entry, in order."""
+    return [[key, "f" if value.is_floating_point() else "i", list(value.shape)] for key, value in rest.items()]
+
+
+def _layout_digest(rest: dict[str, Tensor]) -> str:
+    return hashlib.sha256(json.dumps(_layout(rest), separators=(",", ":")).encode()).hexdigest()
+
+
 def _check_architecture(architecture: dict) -> dict:
     if not isinstance(architecture, dict):
         raise TypeError("architecture must be a dict like {'name': 'seed_cnn', 'in_channels': 1, "
@@ -99,34 +113,28 @@ def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[
         model = pack_model(model)
     layers = packed_layers(model)
     names = [name for name, _ in layers]
-    bits, floats, ints, entries = [], [], [], []
-    bit_offset = float_offset = 0
+    bits, floats, ints, rows = [], [], [], []
+    bit_offset = 0
     for name, layer in layers:
         stored = layer.stored_tensors()
-        entry = {"name": name, **layer.config(), "bits": [bit_offset, stored["weight_bits"].numel()]}
+        count = stored["weight_bits"].numel()
+        rows.append([name, layer.M, layer.N, layer.scope, int(layer.bias is not None), layer.binary_weights(),
+                     bit_offset, count])
         bits.append(stored["weight_bits"])
-        bit_offset += stored["weight_bits"].numel()
-        for key in ("alphas", "shifts", "betas", "bias"):
-            if key in stored:
-                floats.append(stored[key].reshape(-1))
-                float_offset += stored[key].numel()
-        entries.append(entry)
-    rest = []
-    for key, value in _rest_state(model, names).items():
+        bit_offset += count
+        floats += [stored[key].reshape(-1) for key in ("alphas", "shifts", "betas", "bias") if key in stored]
+    rest = _rest_state(model, names)
+    for value in rest.values():
         value = value.detach().cpu()
-        if value.is_floating_point():
-            floats.append(value.float().reshape(-1))
-            rest.append([key, "f", list(value.shape)])
-        else:
-            ints.append(value.long().reshape(-1))
-            rest.append([key, "i", list(value.shape)])
+        (floats if value.is_floating_point() else ints).append(
+            value.float().reshape(-1) if value.is_floating_point() else value.long().reshape(-1))
     tensors = {"bits": torch.cat(bits), "floats": torch.cat(floats) if floats else torch.zeros(0)}
     if ints:
         tensors["ints"] = torch.cat(ints)
     meta = {"format": FORMAT, "version": VERSION,
             "architecture": None if architecture is None else _check_architecture(architecture),
             "M": sorted({layer.M for _, layer in layers}), "N": sorted({layer.N for _, layer in layers}),
-            "layers": entries, "rest": rest,
+            "layer_fields": LAYER_FIELDS, "layers": rows, "rest_sha256": _layout_digest(rest),
             "sha256": {key: _digest(tensor) for key, tensor in tensors.items()}}
     return tensors, meta
 
@@ -178,9 +186,17 @@ def read_packed(path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def _build_layer(entry: dict, bits: Tensor, floats: Tensor, offset: int) -> tuple[PackedABCLayer, int]:
+def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor, offset: int
+                 ) -> tuple[PackedABCLayer, int]:
+    """The packed layer for ``entry``, with ``original``'s (the float architecture's) geometry."""
     M, N, scope = entry["M"], entry["N"], entry["scope"]
-    out = entry["out_channels"] if entry["type"] == "conv2d" else entry["out_features"]
+    if type(original) not in (nn.Conv2d, nn.Linear):
+        raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
+                                "not a Conv2d or Linear")
+    if original.weight.numel() != entry["weights"]:
+        raise PackedFormatError(f"layer {entry['name']}: {entry['weights']} binary weights in the file, "
+                                f"{original.weight.numel()} in the architecture's {original}")
+    out = original.weight.shape[0]
     shapes = {"alphas": (M,) if scope == "per_layer" else (M, out), "shifts": (N,), "betas": (N,)}
     if entry["bias"]:
         shapes["bias"] = (out,)
@@ -191,18 +207,16 @@ def _build_layer(entry: dict, bits: Tensor, floats: Tensor, offset: int) -> tupl
             raise PackedFormatError("float data too short for the layers it describes")
         parts[key] = floats[offset:offset + count].view(shape)
         offset += count
-    start, count = entry["bits"]
+    start, count = entry["bit_offset"], entry["bit_bytes"]
     if start < 0 or start + count > bits.numel():
         raise PackedFormatError(f"layer {entry['name']}: bits out of range")
     parts["weight_bits"] = bits[start:start + count]
-    if entry["type"] == "conv2d":
-        layer = PackedABCConv2d(entry["in_channels"], out, entry["kernel_size"], entry["stride"], entry["padding"],
-                                entry["dilation"], entry["groups"], entry["padding_mode"], M=M, N=N, scope=scope,
+    if isinstance(original, nn.Conv2d):
+        layer = PackedABCConv2d(original.in_channels, out, original.kernel_size, original.stride, original.padding,
+                                original.dilation, original.groups, original.padding_mode, M=M, N=N, scope=scope,
                                 **parts)
-    elif entry["type"] == "linear":
-        layer = PackedABCLinear(entry["in_features"], out, M=M, N=N, scope=scope, **parts)
     else:
-        raise PackedFormatError(f"unknown layer type {entry['type']!r}")
+        layer = PackedABCLinear(original.in_features, out, M=M, N=N, scope=scope, **parts)
     return layer, offset
 
 
@@ -220,37 +234,28 @@ def load_packed(path) -> nn.Module:
         if bits.dtype != torch.uint8 or floats.dtype != torch.float32:
             raise PackedFormatError("bits must be uint8 and floats float32")
         offset = 0
-        for entry in meta["layers"]:
-            original = model.get_submodule(entry["name"])
-            layer, offset = _build_layer(entry, bits, floats, offset)
-            expected = (nn.Conv2d if entry["type"] == "conv2d" else nn.Linear)
-            if type(original) is not expected or tuple(original.weight.shape) != layer.weight_shape:
-                raise PackedFormatError(f"layer {entry['name']}: the file's {entry['type']} "
-                                        f"{layer.weight_shape} does not match the architecture's {original}")
+        entries = [dict(zip(meta["layer_fields"], row)) for row in meta["layers"]]
+        for entry in entries:
+            layer, offset = _build_layer(entry, model.get_submodule(entry["name"]), bits, floats, offset)
             _set_module(model, entry["name"], layer)
-        state, int_offset = {}, 0
+        rest = _rest_state(model, [entry["name"] for entry in entries])
+        if _layout_digest(rest) != meta["rest_sha256"]:
+            raise PackedFormatError("the file's non-ABC state (BatchNorm, float layers) does not match the "
+                                    f"architecture {arch['name']!r} rebuilt from its metadata")
         ints = tensors.get("ints", torch.zeros(0, dtype=torch.long))
-        for key, kind, shape in meta["rest"]:
+        state, int_offset = {}, 0
+        for key, kind, shape in _layout(rest):
             count = math.prod(shape)
             source, start = (floats, offset) if kind == "f" else (ints, int_offset)
             if start + count > source.numel():
                 raise PackedFormatError("state data too short for the entries it describes")
-            state[key] = source[start:start + count].view(shape)
+            state[key] = source[start:start + count].view(shape).to(rest[key].dtype)
             if kind == "f":
                 offset += count
             else:
                 int_offset += count
         if offset != floats.numel() or int_offset != ints.numel():
             raise PackedFormatError("the file holds more data than its metadata describes")
-        reference = model.state_dict()
-        for key, value in state.items():
-            if key not in reference or tuple(reference[key].shape) != tuple(value.shape):
-                raise PackedFormatError(f"state entry {key} {tuple(value.shape)} does not fit the architecture")
-            state[key] = value.to(reference[key].dtype)
-        missing = [key for key in reference if key not in state and not key.endswith("num_batches_tracked")
-                   and not any(key.startswith(f"{e['name']}.") for e in meta["layers"])]
-        if missing:
-            raise PackedFormatError(f"the file lacks state entries {missing[:5]}")
         model.load_state_dict(state, strict=False)
     except PackedFormatError:
         raise
@@ -282,16 +287,15 @@ def packed_size_report(source, architecture: dict | None = None) -> dict:
         blob = save(tensors, metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
         file_bytes, header = len(blob), 8 + struct.unpack("<Q", blob[:8])[0]
     arch = meta.get("architecture") or architecture
-    binary = sum(math.prod((e["out_channels"], e["in_channels"] // e["groups"], *e["kernel_size"]))
-                 if e["type"] == "conv2d" else e["out_features"] * e["in_features"] for e in meta["layers"])
+    fields = meta["layer_fields"]
+    binary = sum(row[fields.index("weights")] for row in meta["layers"])
     if arch:
         float_model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
                                   **arch.get("options", {}))
         fp32 = 4 * (sum(p.numel() for p in float_model.parameters())
                     + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
-    else:  # estimate: the original float weights of the packed layers plus the stored rest
-        rest = sum(math.prod(shape) for _, kind, shape in meta["rest"] if kind == "f")
-        fp32 = 4 * (binary + rest)
+    else:  # estimate: the original float weights of the packed layers plus the stored floats
+        fp32 = 4 * (binary + tensors["floats"].numel())
     bit_bytes = tensors["bits"].numel()
     return {"file_bytes": file_bytes, "header_bytes": header, "binary_weight_bytes": bit_bytes,
             "float_bytes": file_bytes - header - bit_bytes, "binary_weights": binary,
