@@ -132,6 +132,7 @@ def test_pickled_checkpoint_is_called_unsafe_plainly(tmp_path):
     assert "Re-running" not in message and "weights_only set to False" not in message
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_retrained_with_a_warning(compose_cfg, tmp_path, caplog):
     first = run(compose_cfg(TINY, run_dir=tmp_path / "a"))
     (entry,) = (tmp_path / "cache" / "pretrain").glob("*.pt")

@@ -70,6 +70,7 @@ def test_run_writes_summary_checkpoints_and_tensorboard(compose_cfg, tmp_path):
     assert next((tmp_path / "cache" / "pretrain").glob("seed_cnn-digits-*.pt")).is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_the_cache_is_reused(compose_cfg, tmp_path):
     first = read_summary_after(run, compose_cfg(TINY + ["seed=3"], run_dir=tmp_path / "a"), tmp_path / "a")
     second = read_summary_after(run, compose_cfg(TINY + ["seed=3"], run_dir=tmp_path / "b"), tmp_path / "b")
@@ -80,6 +81,7 @@ def test_same_seed_same_numbers_and_the_cache_is_reused(compose_cfg, tmp_path):
     assert retrained["fp_source"] == "trained" and results(retrained) == results(first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_runs_on_the_cpu_and_is_recorded(compose_cfg, tmp_path, precision):
     run(compose_cfg(TINY + [f"precision={precision}", "channels_last=true"]))
@@ -177,6 +179,7 @@ def test_nan_loss_stops_with_the_stage_and_step(tmp_path):
     assert summary["status"] == "failed" and "TrainingDiverged" in summary["error"]
 
 
+@pytest.mark.slow
 # 1,294 training digits in batches of 256: 6 steps per epoch, 12 per stage. The FP model's hook is
 # deep-copied into the ABC model, so step 5 falls in pretraining and step 14 in fine-tuning.
 @pytest.mark.parametrize("steps", [5, 14])

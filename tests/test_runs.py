@@ -14,6 +14,8 @@ from abc_experiments.nn import abc_layers
 from abc_experiments.export import MODEL_FILE, REPORT_FILE, export_run
 from abc_experiments.runs import RunError, evaluate_run
 
+pytestmark = pytest.mark.slow  # a whole (tiny) resnet20 run, shared by every test here
+
 
 def test_load_run_and_abc_eval_reproduce_the_finetuned_accuracy_exactly(finished_run):
     summary = read_summary(finished_run)
@@ -26,7 +28,6 @@ def test_load_run_and_abc_eval_reproduce_the_finetuned_accuracy_exactly(finished
     assert set(last.state_dict()) == set(model.state_dict())
 
 
-@pytest.mark.slow
 def test_abc_eval_command_prints_accuracy_loss_and_throughput(finished_run, tmp_path):
     summary = read_summary(finished_run)
     result = run_cli([str(finished_run)], cwd=tmp_path, name="abc-eval")
@@ -78,7 +79,6 @@ def test_abc_export_packed_accuracy_equals_the_finetuned_accuracy(finished_run, 
     assert path.read_bytes()[8:9] == b"{" and header_length < 1 << 20  # a safetensors header, no pickle
 
 
-@pytest.mark.slow
 def test_abc_export_command_and_its_bad_inputs(finished_run, tmp_path):
     result = run_cli([str(finished_run), "--out", str(tmp_path / "out")], cwd=tmp_path, name="abc-export")
     assert result.returncode == 0, result.stderr
