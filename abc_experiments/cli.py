@@ -32,7 +32,7 @@ from .checkpoints import CheckpointError
 from .config import ConfigError, to_container
 from .data import DatasetUnavailableError
 from .models import PretrainedWeightsUnavailableError
-from .pipeline import refuse_resume_message, resume_conflicts, run
+from .pipeline import read_earlier_summary, refuse_resume_message, resume_conflicts, run
 from .results import FAILED, FINISHED, SUMMARY_FILE, ABCSetting, RunSummary
 from .rundirs import override_arg
 from .settings import flat_settings
@@ -138,7 +138,7 @@ class RunCallbacks(Callback):
         RunCallbacks.run_dir_existed = run_dir.exists()
         if not config.get("resume"):
             return
-        changed = resume_conflicts(run_dir, _task_settings(config, str(run_dir)))
+        changed = resume_conflicts(read_earlier_summary(run_dir), _task_settings(config, str(run_dir)))
         if changed:  # refuse before Hydra writes its config and log into the run dir
             print(f"[abc-run][ERROR] - {refuse_resume_message(run_dir, changed)}", file=sys.stderr)
             sys.exit(1)

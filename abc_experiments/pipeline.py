@@ -28,7 +28,7 @@ from .data import build_datasets, build_loaders
 from .models import build_model
 from .nn import ConversionReport, NothingToConvertError, abc_layers, calibrate, convert, plan_conversion
 from .nn import summary as model_summary
-from .results import (FAILED, FINISHED, INTERRUPTED, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
+from .results import (FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
                       StageResult)
 from .settings import flat_settings, setting_differences
 from .tb import Boards
@@ -60,15 +60,21 @@ def _seed(seed: int, stage: str) -> None:
     torch.manual_seed(seed * 1000 + {"init": 0, "pretrain": 1, "convert": 2, "finetune": 3}[stage])
 
 
-def resume_conflicts(run_dir: Path, settings: dict) -> list[str]:
-    """``key: saved -> current`` for every setting in which ``settings`` (flat, as
-    :func:`abc_experiments.settings.flat_settings` gives) differ from the run in ``run_dir``;
-    empty when there is no readable earlier summary to compare with."""
+def read_earlier_summary(run_dir: Path) -> RunSummary | None:
+    """The summary a run dir already holds; None if there is none or it was cut short."""
     try:
-        earlier = RunSummary.read(Path(run_dir) / SUMMARY_FILE)
+        return RunSummary.read(Path(run_dir) / SUMMARY_FILE)
     except (OSError, ValueError):
+        return None
+
+
+def resume_conflicts(earlier: RunSummary | None, settings: dict) -> list[str]:
+    """``key: saved -> current`` for every setting in which ``settings`` (flat, as
+    :func:`abc_experiments.settings.flat_settings` gives) differ from the ``earlier`` run's;
+    empty without an earlier summary to compare with."""
+    if earlier is None or not earlier.config:
         return []
-    return setting_differences(flat_settings(earlier.config), settings) if earlier.config else []
+    return setting_differences(flat_settings(earlier.config), settings)
 
 
 def refuse_resume_message(run_dir: Path, changed: list[str]) -> str:
@@ -143,14 +149,13 @@ class Experiment:
         (its summary.json), and keeps that run's finished stage results."""
         if not self.resume:
             return
-        changed = resume_conflicts(self.run_dir, self.fingerprint())
+        earlier = read_earlier_summary(self.run_dir)
+        changed = resume_conflicts(earlier, self.fingerprint())
         if changed:
             raise ResumeRefusedError(refuse_resume_message(self.run_dir, changed))
-        try:
-            earlier = RunSummary.read(self.run_dir / SUMMARY_FILE)
-        except (OSError, ValueError):  # none, or cut short: the stages will fill it in again
+        if earlier is None:  # none, or cut short: the stages will fill it in again
             return
-        if earlier.effective_status() == INTERRUPTED and earlier.status == "running":
+        if earlier.effective_status() == INTERRUPTED and earlier.status == RUNNING:
             log.warning("%s was interrupted without saving its status (killed?): resuming from its checkpoints",
                         self.run_dir)
         self.summary.fp_source = earlier.fp_source
