@@ -166,17 +166,8 @@ class PackedABCConv2d(PackedABCLayer):
     @classmethod
     def from_abc(cls, layer: ABCConv2d) -> "PackedABCConv2d":
         """Pack an eval-mode ABCConv2d (its frozen alphas, bases, shifts, betas and bias)."""
-        _check_eval(layer)
-        with torch.no_grad():
-            bases = layer.weight_binarizer.compute_bases(layer.weight.detach()).float().cpu()
-            act = layer.activation_binarizer
-            shifts = act.shifts.detach().float().cpu() if layer.N else torch.zeros(0)
-            betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
-            return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                       layer.dilation, layer.groups, layer.padding_mode, M=layer.M, N=layer.N,
-                       scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
-                       alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
-                       bias=None if layer.bias is None else layer.bias.detach().float().cpu())
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                   layer.dilation, layer.groups, layer.padding_mode, **_abc_parts(layer))
 
     def config(self) -> dict:
         """Hyper-parameters (JSON-able) to rebuild the layer with the stored tensors."""
@@ -249,16 +240,7 @@ class PackedABCLinear(PackedABCLayer):
     @classmethod
     def from_abc(cls, layer: ABCLinear) -> "PackedABCLinear":
         """Pack an eval-mode ABCLinear."""
-        _check_eval(layer)
-        with torch.no_grad():
-            bases = layer.weight_binarizer.compute_bases(layer.weight.detach()).float().cpu()
-            act = layer.activation_binarizer
-            shifts = act.shifts.detach().float().cpu() if layer.N else torch.zeros(0)
-            betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
-            return cls(layer.in_features, layer.out_features, M=layer.M, N=layer.N,
-                       scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
-                       alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
-                       bias=None if layer.bias is None else layer.bias.detach().float().cpu())
+        return cls(layer.in_features, layer.out_features, **_abc_parts(layer))
 
     def config(self) -> dict:
         return {"type": self.kind, "in_features": self.in_features, "out_features": self.out_features,
@@ -282,6 +264,20 @@ class PackedABCLinear(PackedABCLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, M={self.M}, N={self.N}, "
                 f"scope={self.scope}, bias={self.bias is not None}")
+
+
+@torch.no_grad()
+def _abc_parts(layer) -> dict:
+    """What a packed layer keeps of an eval-mode ABC layer: M, N, scope, the bases as bits, the
+    frozen alphas, shifts, betas and bias, as float32 on the CPU."""
+    _check_eval(layer)
+    bases = layer.weight_binarizer.compute_bases(layer.weight.detach()).float().cpu()
+    act = layer.activation_binarizer
+    shifts = act.shifts.detach().float().cpu() if layer.N else torch.zeros(0)
+    betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
+    return dict(M=layer.M, N=layer.N, scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
+                alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
+                bias=None if layer.bias is None else layer.bias.detach().float().cpu())
 
 
 def _check_eval(layer: nn.Module) -> None:
