@@ -97,7 +97,7 @@ class ABCConfig:
     bases: Bases = Bases.shifted
     learn_u: bool = False
     alpha_fit: AlphaFit = AlphaFit.lstsq
-    kernel: Kernel = Kernel.bucket
+    kernel: Kernel = Kernel.auto
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 

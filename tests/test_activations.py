@@ -9,6 +9,7 @@ import torch
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
 from abc_experiments.nn import activations
 from abc_experiments.nn.activations import _Kernels, staircase
+from abc_experiments.nn.native import native_available, native_error
 
 
 def np_forward(r, v, beta):
@@ -201,8 +202,118 @@ def test_bucket_kernel_with_a_threshold_exactly_at_zero():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
 
 
-def test_kernels_are_named_and_bucket_is_the_default():
-    assert activations.KERNELS[0] == "bucket" and set(activations.KERNELS) == {"bucket", "eager", "compiled"}
-    assert ActivationBinarizer(2).kernel == "bucket"
+def test_kernels_are_named_and_auto_is_the_default():
+    assert activations.KERNELS == ("auto", "native", "bucket", "eager", "compiled")
+    assert ActivationBinarizer(2).kernel == "auto"
     with pytest.raises(ValueError, match="unknown kernel"):
         ActivationBinarizer(2, kernel="fast")
+
+
+needs_native = pytest.mark.skipif(not native_available(), reason=f"native kernels unavailable: {native_error()}")
+
+
+def check_against_eager(kernel, x, shifts, betas, g, N):
+    """``kernel`` against the eager reference: values bit for bit, gradients within the tolerance of
+    the bucket test, grad_x exactly where a single window holds the element."""
+    got = run_kernel(kernel, x, shifts, betas, g)
+    eager = run_kernel("eager", x, shifts, betas, g)
+    assert torch.equal(got[0], eager[0])
+    assert got[0].dtype == x.dtype and all(a.dtype == b.dtype for a, b in zip(got[1:], eager[1:]))
+    truth = reference_grads_float64(x, g, shifts, betas)
+    eps = torch.finfo(x.dtype).eps
+    scale_x = betas.double().abs().sum() * g.double().abs()
+    scale_sums = (betas.double().abs().max() + 1) * g.double().abs().sum()
+    for name, value, expected, scale in zip(("x", "shifts", "betas"), got[1:], truth, (scale_x, scale_sums, scale_sums)):
+        error = (value.double() - expected).abs()
+        assert (error <= (N + 2) * eps * scale + 1e-30).all(), (name, kernel, error.max().item())
+    y = x.flatten().unsqueeze(0) + shifts.view(-1, 1)
+    single = ((y >= 0) & (y <= 1)).sum(0) == 1
+    assert torch.equal(got[1].flatten()[single], eager[1].flatten()[single])
+    return got
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", range(1, 7))
+def test_native_kernel_matches_the_eager_reference(dtype, N):
+    x, shifts, betas = bucket_case(N, dtype, N + 10)  # thresholds, window edges, duplicates, ±0, ±inf
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(N)).to(dtype)
+    assert activations.resolve_kernel("native", x, shifts, betas) == "native"
+    got = check_against_eager("native", x, shifts, betas, g, N)
+    if dtype == torch.float32:  # the reference sums grad_x in the same order: exact everywhere
+        assert torch.equal(got[1], run_kernel("eager", x, shifts, betas, g)[1])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_at_every_threshold_and_window_edge(dtype):
+    """Every input exactly at 0.5 − v, −v and 1 − v and one float either side, the whole input (sizes
+    not a multiple of the block or the lane count), a threshold at zero, NaN, and shape kept."""
+    shifts = torch.tensor([0.5, 0.25, 0.5, -0.375, 0.1], dtype=dtype)
+    betas = torch.tensor([0.2, 0.3, 0.1, 0.7, 0.05], dtype=dtype)
+    edges = torch.cat([0.5 - shifts.float(), -shifts.float(), 1 - shifts.float()])
+    up, down = (torch.nextafter(edges, torch.full_like(edges, s)) for s in (9.0, -9.0))
+    x = torch.cat([edges, up, down, torch.tensor([0.0, -0.0, float("nan"), 1e30, -1e30])]).to(dtype)
+    x = torch.cat([x, torch.rand(4097 * 3 - x.numel()).to(dtype)]).view(3, 4097)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    got = check_against_eager("native", x, shifts, betas, g, 5)
+    assert got[0].shape == x.shape and got[1].shape == x.shape
+    small = x.flatten()[:7].clone()  # fewer elements than one lane group
+    check_against_eager("native", small, shifts, betas, g.flatten()[:7].clone(), 5)
+
+
+@needs_native
+def test_native_kernel_gives_the_same_results_on_any_number_of_threads():
+    x, shifts, betas = bucket_case(4, torch.float32, 7)
+    x = torch.cat([x] * 8)  # 512K elements: several parallel tasks
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_kernel("native", x, shifts, betas, g)
+        torch.set_num_threads(max(2, threads))
+        multi = run_kernel("native", x, shifts, betas, g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], multi[0]) and torch.equal(single[1], multi[1])
+    for a, b in zip(single[2:], multi[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)  # (per-block sums in block order: equal here)
+
+
+@needs_native
+def test_auto_resolves_to_native_on_the_cpu_and_to_bucket_elsewhere():
+    x, shifts, betas = torch.rand(64), torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])
+    assert activations.resolve_kernel("auto", x, shifts, betas) == "native"
+    assert activations.resolve_kernel("auto", x.double(), shifts.double(), betas.double()) == "bucket"
+    assert activations.resolve_kernel("auto", torch.rand(8, 8).t(), shifts, betas) == "bucket"  # not contiguous
+    assert activations.resolve_kernel("bucket", x, shifts, betas) == "bucket"
+    act = ActivationBinarizer(2)
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    act(x).sum().backward()  # through the module with the default kernel
+    assert x.grad is not None and act.shifts.grad is not None
+
+
+def test_native_unavailable_falls_back_to_bucket(monkeypatch):
+    monkeypatch.setattr(activations, "native_available", lambda: False)
+    x, shifts, betas = bucket_case(3, torch.float32, 1)
+    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"
+    assert activations.resolve_kernel("native", x, shifts, betas) == "bucket"
+    g = torch.ones_like(x)
+    assert torch.equal(run_kernel("auto", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
+
+
+def test_a_failed_native_build_warns_once_and_auto_uses_bucket(monkeypatch):
+    from abc_experiments.nn import native
+
+    def broken_build():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_state", {"loaded": None, "error": None})
+    monkeypatch.setattr(native, "_load", broken_build)
+    with pytest.warns(native.NativeKernelWarning, match="install a C\\+\\+ compiler .* ninja") as record:
+        assert not native.native_available()
+        assert not native.native_available()  # remembered: no second build, no second warning
+    assert len(record) == 1 and "Ninja is required" in str(record[0].message)
+    assert isinstance(native.native_error(), RuntimeError)
+    x, shifts, betas = torch.rand(100), torch.tensor([0.1]), torch.tensor([0.5])
+    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"

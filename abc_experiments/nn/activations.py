@@ -20,10 +20,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .native import native_available
 from .weights import check_count, is_exporting
 
 log = logging.getLogger(__name__)
-KERNELS = ("bucket", "eager", "compiled")
+KERNELS = ("auto", "native", "bucket", "eager", "compiled")
 
 
 def heaviside_bases(x: Tensor, shifts: Tensor) -> Tensor:
@@ -210,8 +211,39 @@ def staircase_grad_bucket(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tensor
     return grad_x.view(x.shape), grad_shifts.to(shifts.dtype), grad_betas.to(betas.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The "native" kernel: one pass over x forward and one backward in C++ (csrc/staircase.cpp), values
+# bit-identical to the reference, shift and beta gradients summed in double. CPU float32/bfloat16
+# contiguous inputs only; anything else runs "bucket". "auto": native where it is built, else bucket.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _native_supported(x: Tensor, shifts: Tensor, betas: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+            and shifts.dtype == x.dtype and betas.dtype == x.dtype and shifts.device.type == "cpu"
+            and betas.device.type == "cpu")
+
+
+def resolve_kernel(kernel: str, x: Tensor, shifts: Tensor, betas: Tensor) -> str:
+    """The kernel that actually runs for ``kernel`` on these tensors (``auto``/``native`` fall back
+    to ``bucket`` where the native kernel does not apply or could not be built)."""
+    if kernel in ("auto", "native"):
+        return "native" if _native_supported(x, shifts, betas) and native_available() else "bucket"
+    return kernel
+
+
+def staircase_native(x: Tensor, shifts: Tensor, betas: Tensor) -> Tensor:
+    """:func:`staircase` in one C++ pass (bit-identical values)."""
+    return torch.ops.abc_nn.staircase_forward(x, shifts, betas)
+
+
+def staircase_grad_native(x: Tensor, grad: Tensor, shifts: Tensor, betas: Tensor):
+    """:func:`staircase_grad` in one C++ pass (sums over x in double)."""
+    return torch.ops.abc_nn.staircase_backward(x, grad, shifts, betas)
+
+
 class _Kernels:
-    """The forward and backward functions: ``bucket`` (table lookups, the default), ``eager`` (the
+    """The forward and backward functions: ``bucket`` (table lookups), ``eager`` (the
     reference: N passes) or ``compiled`` (the reference through ``torch.compile``: fused into one
     pass each; the first call compiles, ~30 s)."""
 
@@ -236,6 +268,11 @@ class _Kernels:
 class _StaircaseSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shifts, betas, kernel):
+        kernel = resolve_kernel(kernel, x, shifts, betas)
+        if kernel == "native":
+            ctx.save_for_backward(x, shifts, betas)
+            ctx.tables, ctx.backward_kernel = None, staircase_grad_native
+            return staircase_native(x, shifts, betas)
         if kernel == "bucket":
             tables = bucket_tables(shifts, betas, x.dtype) if _lut_supported(x) else None
             fixed = []
@@ -275,15 +312,18 @@ def default_shifts(N: int) -> Tensor:
 class ActivationBinarizer(nn.Module):
     """R ↦ Σₙ βₙ H_{vₙ}(R) with trainable shifts v and betas β and the STE of eq. 8.
 
-    ``kernel`` picks how: ``"bucket"`` (default: one table lookup per element forward, one lookup
-    and one per-bucket sum backward, cost independent of N, values bit-identical to the reference),
+    ``kernel`` picks how: ``"auto"`` (default: ``"native"`` where the C++ kernels could be built,
+    else ``"bucket"``), ``"native"`` (one C++ pass over x forward and one backward, CPU float32 and
+    bfloat16; values bit-identical to the reference; other inputs run ``"bucket"``), ``"bucket"``
+    (one table lookup per element forward, one lookup and one per-bucket sum backward, cost
+    independent of N, values bit-identical to the reference),
     ``"eager"`` (the reference, N passes), ``"compiled"`` (the reference through ``torch.compile``;
     falls back to eager with a warning where compilation is unavailable). While the model is being
     exported or traced (``torch.export``, ``torch.onnx``, ``torch.jit``) the forward is the
     reference's plain ops, values only (no STE).
     """
 
-    def __init__(self, N: int, kernel: str = "bucket"):
+    def __init__(self, N: int, kernel: str = "auto"):
         super().__init__()
         self.N = check_count("N", N, 1)
         if kernel not in KERNELS:

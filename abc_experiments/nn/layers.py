@@ -132,7 +132,7 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, M=3, N=3, scope="per_layer", impl="fused",
-                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="bucket", device=None, dtype=None):
+                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="auto", device=None, dtype=None):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device=device, dtype=dtype)
         self._setup_abc(M, N, scope, impl, bases, learn_u, alpha_fit, kernel)
@@ -161,7 +161,7 @@ class ABCLinear(ABCLayer, nn.Linear):
     """A ``Linear`` layer with ABC weights Σₘ αₘBₘ and ABC inputs Σₙ βₙAₙ."""
 
     def __init__(self, in_features, out_features, bias=True, *, M=3, N=3, scope="per_layer", impl="fused",
-                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="bucket", device=None, dtype=None):
+                 bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="auto", device=None, dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_abc(M, N, scope, impl, bases, learn_u, alpha_fit, kernel)
 

@@ -1,0 +1,111 @@
+"""Loading the one-pass C++ CPU kernels of the activation staircase (``csrc/staircase.cpp``,
+operators ``torch.ops.abc_nn.staircase_forward`` / ``staircase_backward``), JIT-built with
+``torch.utils.cpp_extension.load`` and ninja at first use (a few seconds; cached under
+``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions, like ``abc_experiments.packed``).
+
+If the build or the load fails, ONE warning names the cause and the fix, and :func:`native_available`
+is False: the ``"auto"`` kernel then uses ``"bucket"`` (same values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("staircase.cpp",)
+# No -ffast-math and no FMA contraction (the reference's bits); -fno-trapping-math changes no value, it
+# only lets the compiler if-convert the comparisons and vectorise.
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+
+
+class NativeKernelWarning(UserWarning):
+    """The C++ staircase kernels are unavailable; the bucket kernel is used instead."""
+
+
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None}
+
+
+def extension_name() -> str:
+    """``abc_nn_<digest>`` of the sources, the flags and torch's version: a stale build is never reused."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.encode())
+        digest.update((CSRC / source).read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    return f"abc_nn_{digest.hexdigest()[:12]}"
+
+
+def _load() -> None:
+    from torch.utils.cpp_extension import load
+
+    name = extension_name()
+    log.info("building/loading the native ABC activation kernels %s (the first build takes ~30 s)", name)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):  # build chatter goes to the log, not to stdout
+        load(name=name, sources=[str(CSRC / source) for source in SOURCES], extra_cflags=CFLAGS,
+             extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+    if captured.getvalue().strip():
+        log.debug("%s build output:\n%s", name, captured.getvalue())
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so that ``torch.compile`` can trace a model using the operators."""
+    forward = "abc_nn::staircase_forward"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(forward, "Meta"):
+        return  # registered by an earlier load in this process
+
+    @torch.library.register_fake(forward)
+    def _(x, shifts, betas):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("abc_nn::staircase_backward")
+    def _(x, grad, shifts, betas):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(shifts), torch.empty_like(betas)
+
+
+def _cause(error: Exception) -> str:
+    """The telling line of a build failure (the compiler's first ``error:``), else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line.lower() or "ninja is required" in line.lower() or "not found" in line.lower():
+            return line[:400]
+    return lines[0][:400] if lines else type(error).__name__
+
+
+def native_available() -> bool:
+    """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                try:
+                    _load()
+                    _register_fakes()
+                    _state["loaded"] = True
+                except Exception as error:  # no compiler, no ninja, a build error, an import error
+                    _state["loaded"], _state["error"] = False, error
+                    warnings.warn(
+                        "abc_experiments.nn: the native C++ activation kernels could not be built or loaded "
+                        f"({type(error).__name__}: {_cause(error)}); kernel 'auto' uses 'bucket' instead (same "
+                        "values, slower on small activations). To fix: install a C++ compiler (g++) and ninja "
+                        "(`pip install ninja`), then restart Python (a broken build cache under "
+                        "~/.cache/torch_extensions/ can be deleted).",
+                        NativeKernelWarning, stacklevel=3,
+                    )
+    return bool(_state["loaded"])
+
+
+def native_error() -> Exception | None:
+    """Why the native kernels are unavailable (None if they loaded or were never tried)."""
+    return _state["error"]
