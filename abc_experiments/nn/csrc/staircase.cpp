@@ -138,8 +138,13 @@ ABC_INLINE void backward_block(const float* __restrict x, const float* __restric
   }
 }
 
-// One compiled copy per instruction set, picked at load time by the CPU (GCC function multiversioning).
+// One compiled copy per instruction set, picked at load time by the CPU (GCC function multiversioning
+// on x86-64; elsewhere one copy for the compiler's default target).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define ABC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ABC_CLONES
+#endif
 
 ABC_CLONES void forward_f32(const float* x, float* out, int64_t len, const float* v, const float* b, int64_t N) {
   forward_block<false>(x, out, len, v, b, N);
