@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import bucket_case, run_kernel
 
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
 from abc_experiments.nn import activations
@@ -128,30 +129,6 @@ def reference_grads_float64(x, g, shifts, betas):
     grad_shifts = b64 * (active * g64).flatten(1).sum(1)
     grad_betas = (up * g64).flatten(1).sum(1)
     return grad_x, grad_shifts, grad_betas
-
-
-def bucket_case(N, dtype, seed):
-    generator = torch.Generator().manual_seed(seed)
-    shifts = (torch.rand(N, generator=generator) * 2 - 1).to(dtype)  # unsorted
-    if N >= 3:
-        shifts[2] = shifts[0]  # a duplicate shift: two equal thresholds
-    betas = (torch.rand(N, generator=generator) + 0.1).to(dtype)
-    x = (torch.randn(1 << 16, generator=generator) * 1.5).to(dtype)
-    edges = torch.cat([0.5 - shifts.float(), -shifts.float(), 1 - shifts.float()]).to(dtype)
-    # values exactly at the thresholds and STE window edges, and one float either side of them
-    x[: 3 * N] = edges
-    x[3 * N: 6 * N] = torch.nextafter(edges.float(), torch.full_like(edges.float(), 9)).to(dtype)
-    x[6 * N: 9 * N] = torch.nextafter(edges.float(), torch.full_like(edges.float(), -9)).to(dtype)
-    x[9 * N: 9 * N + 4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
-    x[9 * N + 4: 9 * N + 4000] = 0.0  # a spike of ReLU zeros
-    return x, shifts, betas
-
-
-def run_kernel(kernel, x, shifts, betas, g):
-    x, shifts, betas = (t.clone().requires_grad_() for t in (x, shifts, betas))
-    out = activations._StaircaseSTE.apply(x, shifts, betas, kernel)
-    out.backward(g)
-    return out.detach(), x.grad, shifts.grad, betas.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,43 +1,14 @@
 """ABC layers: the fused single convolution equals the M·N binary convolutions, forward and backward."""
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import forward_backward, max_relative_error, random_conv_case
 
 from abc_experiments.nn import ABCConv2d, ABCLinear
 from abc_experiments.nn.activations import staircase
 from abc_experiments.nn.weights import combine
-
-
-def max_relative_error(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def random_conv_case(seed):
-    rng = random.Random(seed)
-    groups = rng.choice([1, 1, 2, 4])
-    cin, cout = groups * rng.randint(1, 4), groups * rng.randint(1, 4)
-    k = rng.choice([1, 3, 5])
-    conv = nn.Conv2d(cin, cout, k, stride=rng.choice([1, 2]), padding=rng.choice([0, 1, 2]),
-                     dilation=rng.choice([1, 2]), groups=groups, bias=rng.random() < 0.7)
-    size = (k - 1) * conv.dilation[0] + rng.randint(3, 9)
-    x = torch.rand(rng.randint(1, 3), cin, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 0.5
-    options = dict(M=rng.randint(1, 5), N=rng.randint(0, 5), scope=rng.choice(["per_layer", "per_channel"]),
-                   learn_u=rng.random() < 0.3)
-    return conv, x, options
-
-
-def forward_backward(layer, x):
-    x = x.clone().requires_grad_()
-    out = layer(x)
-    upstream = torch.rand(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype) + 0.5
-    (out * upstream).sum().backward()
-    grads = {"input": x.grad}
-    grads.update({name: p.grad for name, p in layer.named_parameters() if p.grad is not None})
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("seed", range(24))

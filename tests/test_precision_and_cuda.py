@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY, read_summary
-from test_activations import bucket_case, run_kernel
-from test_layers import forward_backward, max_relative_error, random_conv_case
+from helpers import TINY, bucket_case, forward_backward, max_relative_error, random_conv_case, read_summary, run_kernel
 
 from abc_experiments.nn import ABCConv2d, ActivationBinarizer, calibrate, convert
 from abc_experiments.pipeline import run

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY, read_summary, run_cli
+from helpers import read_summary, run_cli
 
 from abc_experiments import load_run
 from abc_experiments.nn import abc_layers
