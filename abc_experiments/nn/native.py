@@ -9,9 +9,7 @@ is False: the ``"auto"`` kernel then uses ``"bucket"`` (same values).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import threading
 import warnings
@@ -48,16 +46,11 @@ def extension_name() -> str:
 
 
 def _load() -> None:
-    from torch.utils.cpp_extension import load
+    from ..cpp_build import load_extension
 
     name = extension_name()
     log.info("building/loading the native ABC activation kernels %s (the first build takes ~30 s)", name)
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):  # build chatter goes to the log, not to stdout
-        load(name=name, sources=[str(CSRC / source) for source in SOURCES], extra_cflags=CFLAGS,
-             extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
-    if captured.getvalue().strip():
-        log.debug("%s build output:\n%s", name, captured.getvalue())
+    load_extension(name, [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)])
 
 
 def _register_fakes() -> None:

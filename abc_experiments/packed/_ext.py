@@ -60,12 +60,11 @@ def build_directory() -> Path:
 
 
 def _load() -> None:
-    from torch.utils.cpp_extension import load
+    from ..cpp_build import load_extension
 
     name = extension_name()
     log.info("building/loading the packed ABC kernels %s (the first build takes a minute or two)", name)
-    load(name, [str(CSRC / source) for source in SOURCES], extra_cflags=["-O3"],
-         extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False)
+    load_extension(name, [str(CSRC / source) for source in SOURCES], ["-O3"], [str(CSRC)])
 
 
 def _cause(error: Exception) -> str:
