@@ -28,3 +28,15 @@ def load_extension(name: str, sources: list[str], extra_cflags: list[str], inclu
         cpp_log.setLevel(level)
     if captured.getvalue().strip():
         log.debug("%s build output:\n%s", name, captured.getvalue())
+
+
+def build_failure(what: str, error: Exception, consequence: str) -> str:
+    """The one warning for an extension that could not be built or loaded: the telling line of the
+    failure (the compiler's first ``error:``), what happens instead, and the fix."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines
+               if "error:" in line.lower() or "ninja is required" in line.lower() or "not found" in line.lower()]
+    cause = (telling or lines or [type(error).__name__])[0][:400]
+    return (f"{what} could not be built or loaded ({type(error).__name__}: {cause}); {consequence}. To fix: "
+            "install a C++ compiler (e.g. g++) and ninja (`pip install ninja`), then restart Python (a broken "
+            "build cache under ~/.cache/torch_extensions/ can be deleted).")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpp_build import build_failure, load_extension
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -46,8 +48,6 @@ def extension_name() -> str:
 
 
 def _load() -> None:
-    from ..cpp_build import load_extension
-
     name = extension_name()
     log.info("building/loading the native ABC activation kernels %s (the first build takes ~30 s)", name)
     load_extension(name, [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)])
@@ -68,15 +68,6 @@ def _register_fakes() -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(shifts), torch.empty_like(betas)
 
 
-def _cause(error: Exception) -> str:
-    """The telling line of a build failure (the compiler's first ``error:``), else the first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "error:" in line.lower() or "ninja is required" in line.lower() or "not found" in line.lower():
-            return line[:400]
-    return lines[0][:400] if lines else type(error).__name__
-
-
 def native_available() -> bool:
     """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
     if _state["loaded"] is None:
@@ -89,11 +80,9 @@ def native_available() -> bool:
                 except Exception as error:  # no compiler, no ninja, a build error, an import error
                     _state["loaded"], _state["error"] = False, error
                     warnings.warn(
-                        "abc_experiments.nn: the native C++ activation kernels could not be built or loaded "
-                        f"({type(error).__name__}: {_cause(error)}); kernel 'auto' uses 'bucket' instead (same "
-                        "values, slower on small activations). To fix: install a C++ compiler (g++) and ninja "
-                        "(`pip install ninja`), then restart Python (a broken build cache under "
-                        "~/.cache/torch_extensions/ can be deleted).",
+                        build_failure("abc_experiments.nn: the native C++ activation kernels", error,
+                                      "kernel 'auto' uses 'bucket' instead (same values, slower on small "
+                                      "activations)"),
                         NativeKernelWarning, stacklevel=3,
                     )
     return bool(_state["loaded"])

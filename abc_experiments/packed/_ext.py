@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpp_build import build_failure, load_extension
+
 log = logging.getLogger(__name__)
 
 ISAS = ("avx512", "avx2", "portable", "reference")
@@ -60,20 +62,9 @@ def build_directory() -> Path:
 
 
 def _load() -> None:
-    from ..cpp_build import load_extension
-
     name = extension_name()
     log.info("building/loading the packed ABC kernels %s (the first build takes a minute or two)", name)
     load_extension(name, [str(CSRC / source) for source in SOURCES], ["-O3"], [str(CSRC)])
-
-
-def _cause(error: Exception) -> str:
-    """The telling line of a build failure (the compiler's first ``error:``), else the first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "error:" in line.lower() or "ninja is required" in line.lower() or "not found" in line.lower():
-            return line[:400]
-    return lines[0][:400] if lines else type(error).__name__
 
 
 def extension_available() -> bool:
@@ -87,14 +78,10 @@ def extension_available() -> bool:
                     _state["loaded"] = True
                 except Exception as error:  # no compiler, no ninja, a build error, an import error
                     _state["loaded"], _state["error"] = False, error
-                    cause = _cause(error)
                     warnings.warn(
-                        "abc_experiments.packed: the C++ kernels could not be built or loaded "
-                        f"({type(error).__name__}: {cause}); using the pure-torch reference path, which gives "
-                        "the same results but is much slower. To fix: install a C++ compiler (e.g. g++) and "
-                        "ninja (`pip install ninja`), then restart Python (a broken build cache under "
-                        "~/.cache/torch_extensions/ can be deleted). Set ABC_PACKED_ISA=reference to silence "
-                        "this warning.",
+                        build_failure("abc_experiments.packed: the C++ kernels", error,
+                                      "using the pure-torch reference path, which gives the same results but "
+                                      "is much slower (set ABC_PACKED_ISA=reference to silence this warning)"),
                         PackedKernelWarning, stacklevel=3,
                     )
     return bool(_state["loaded"])
