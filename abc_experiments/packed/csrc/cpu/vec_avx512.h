@@ -2,7 +2,7 @@
 // Included inside kernels.cpp's avx512 target region. No include guard on purpose.
 #include "vec_store_avx.h"
 
-struct V {
+struct V : AvxCommon {
   using Wv = __m512i;
   using Av = __m512i;
   using Cv = __m512i;
@@ -15,14 +15,6 @@ struct V {
   static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
     const __m256 counts = _mm256_sub_ps(_mm512_cvtepu64_ps(acc), _mm256_set1_ps(half_k));
     _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, _mm256_loadu_ps(t)));
-  }
-  static inline uint32_t cmp8(const float* x, float v) {
-    const __m256 s = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_set1_ps(v));
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(0.5f), _CMP_GE_OQ)));
-  }
-  static inline bool store8x8(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
-                              int64_t nco, int64_t P, const float* tile, int64_t ts) {
-    return store8x8_avx(a, b, oy, ox0, co0, np, nco, P, tile, ts);
   }
   // 32 zmm registers: 16-24 counters, the weights and a broadcast.
   template <int NN> struct Cfg;

@@ -82,3 +82,16 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
   }
   return true;
 }
+
+// What the AVX2 and AVX-512 policies share: binarizing 8 inputs against a threshold, and the
+// vectorised tile store. Each policy's struct V derives from this.
+struct AvxCommon {
+  static inline uint32_t cmp8(const float* x, float v) {
+    const __m256 s = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_set1_ps(v));
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(0.5f), _CMP_GE_OQ)));
+  }
+  static inline bool store8x8(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
+                              int64_t nco, int64_t P, const float* tile, int64_t ts) {
+    return store8x8_avx(a, b, oy, ox0, co0, np, nco, P, tile, ts);
+  }
+};
