@@ -12,6 +12,7 @@ from helpers import read_summary, run_cli
 from abc_experiments import load_run
 from abc_experiments.nn import abc_layers
 from abc_experiments.export import MODEL_FILE, REPORT_FILE, export_run
+from abc_experiments.packed import load_packed, packed_layers
 from abc_experiments.runs import RunError, evaluate_run
 
 pytestmark = pytest.mark.slow  # a whole (tiny) resnet20 run, shared by every test here
@@ -66,11 +67,19 @@ def test_load_run_errors_name_what_is_wrong(finished_run, tmp_path):
         load_run(finished_run, which="worst")
 
 
-def test_abc_export_packed_accuracy_equals_the_finetuned_accuracy(finished_run, tmp_path):
-    report = export_run(finished_run, tmp_path / "export")
-    summary = read_summary(finished_run)
+def test_abc_export_packed_accuracy_equals_the_finetuned_accuracy(confident_run, tmp_path):
+    report = export_run(confident_run, tmp_path / "export")
+    summary = read_summary(confident_run)
+    assert summary["finetuned"]["acc"] > 80  # confident: no near-ties for float rounding to flip
     assert report["packed_acc"] == report["finetuned_acc"] == summary["finetuned"]["acc"]
     assert report["test_size"] == 359 and report["M"] == 2 and report["N"] == 2
+    # both conv2 and fc1 are packed; the packed logits equal the float ABC model's
+    model, packed_model = load_run(confident_run), load_packed(tmp_path / "export" / MODEL_FILE)
+    assert [name for name, _ in packed_layers(packed_model)] == ["conv2", "fc1"]
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        expected, got = model(x), packed_model(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     path = tmp_path / "export" / MODEL_FILE
     assert report["file_bytes"] == path.stat().st_size and report["file_bytes"] < report["fp32_bytes"]
     assert report["bits_per_binary_weight"] == pytest.approx(2, abs=0.05)  # M bits, padded to whole words
