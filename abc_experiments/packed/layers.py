@@ -181,7 +181,7 @@ class PackedABCConv2d(PackedABCLayer):
         """bias + Σβ·Σₘ αₘ Sₘ for an H×W input: (C_out, OH, OW) float32, cached per input size."""
         key = (H, W)
         if key not in self._bterms:
-            (ph, pw), (kh, kw) = self.padding, self.kernel_size
+            ph, pw = self.padding
             outside = torch.ones(1, 1, H + 2 * ph, W + 2 * pw, dtype=torch.float64)
             outside[..., ph:ph + H, pw:pw + W] = 0
             S = F.conv2d(outside, self._rowsums, stride=self.stride, dilation=self.dilation)[0]
