@@ -19,6 +19,7 @@ from ._ext import (
     set_isa,
     use_isa,
 )
+from . import ops  # the operators with argument checks: pack_activations, packed_conv2d, ...
 from .io import PackedFormatError, load_packed, pack_model, packed_layers, packed_size_report, read_packed, save_packed
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
 
@@ -26,5 +27,5 @@ __all__ = [
     "ENV_VAR", "ISAS", "PackedABCConv2d", "PackedABCLayer", "PackedABCLinear", "PackedFormatError",
     "PackedKernelWarning", "available_isas", "build_directory", "cpu_isas", "extension_available",
     "extension_error", "get_isa", "load_packed", "pack_layer", "pack_model", "packed_layers",
-    "packed_size_report", "read_packed", "save_packed", "set_isa", "use_isa",
+    "ops", "packed_size_report", "read_packed", "save_packed", "set_isa", "use_isa",
 ]

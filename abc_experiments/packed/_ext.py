@@ -25,7 +25,10 @@ from ..cpp_build import build_failure, load_extension
 log = logging.getLogger(__name__)
 
 ISAS = ("avx512", "avx2", "portable", "reference")
-ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
+# The AVX-512 code with its AVX-512 intrinsics emulated in plain C++ on an AVX2 CPU: for tests of
+# that code on machines without AVX-512 (slow; never chosen by "auto", only by name).
+TEST_ISAS = ("avx512_emulated",)
+ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_emulated": 3}
 ENV_VAR = "ABC_PACKED_ISA"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("register.cpp", "kernels.cpp")
@@ -36,7 +39,7 @@ class PackedKernelWarning(UserWarning):
 
 
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "error": None, "forced": None}
+_state: dict = {"loaded": None, "error": None, "forced": None, "cpu_isas": None}
 
 
 def _source_digest() -> str:
@@ -96,9 +99,16 @@ def cpu_isas() -> tuple[str, ...]:
     """The native kernel paths this CPU can run (empty if the extension is unavailable)."""
     if not extension_available():
         return ()
-    features = int(torch.ops.abc_packed.cpu_features())
-    found = [isa for isa, bit in (("avx512", 2), ("avx2", 1)) if features & bit]
-    return (*found, "portable")
+    if _state.get("cpu_isas") is None:  # the CPU does not change: ask it once (layers ask every call)
+        features = int(torch.ops.abc_packed.cpu_features())
+        found = [isa for isa, bit in (("avx512", 2), ("avx2", 1)) if features & bit]
+        _state["cpu_isas"] = (*found, "portable")
+    return _state["cpu_isas"]
+
+
+def emulated_isas() -> tuple[str, ...]:
+    """The test-only paths this CPU can run (:data:`TEST_ISAS`; they need AVX2)."""
+    return TEST_ISAS if "avx2" in cpu_isas() else ()
 
 
 def available_isas() -> tuple[str, ...]:
@@ -107,8 +117,9 @@ def available_isas() -> tuple[str, ...]:
 
 
 def _check_name(name: str) -> str:
-    if name not in ISAS:
-        raise ValueError(f"unknown packed kernel path {name!r}: choose one of {', '.join(ISAS)} (or 'auto')")
+    if name not in ISAS + TEST_ISAS:
+        raise ValueError(f"unknown packed kernel path {name!r}: choose one of {', '.join(ISAS)} (or 'auto'; "
+                         f"{', '.join(TEST_ISAS)} for tests)")
     return name
 
 
@@ -127,7 +138,7 @@ def get_isa() -> str:
     _check_name(name)
     if not extension_available():
         return "reference"  # the warning has said why
-    if name not in cpu_isas():
+    if name not in cpu_isas() + emulated_isas():
         raise RuntimeError(f"packed kernel path {name!r} was requested ({ENV_VAR} or set_isa) but this CPU "
                            f"cannot run it; available here: {', '.join(available_isas())}")
     return name

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..nn.layers import ABCConv2d, ABCLinear
 from ..nn.weights import combine
-from . import _ext, ops
+from . import _ext
 from ._bits import pack_bits, pack_words, unpack_bits
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,22 @@ class PackedABCLayer(nn.Module):
 
     def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
         """The kernel's layout: weights (M, COB, kh, kw, Wc, 8) int64 with the same word of 8 output
-        channels side by side, and coef (M, N, COB·8) = −2 αₘ[co] βₙ."""
+        channels side by side, and coef (M, N, COB·8) = −2 αₘ[co] βₙ.
+
+        Dense taps: when a kernel row's kw·C_in bits fit in fewer words than kw·ceil(C_in/64) (fewer
+        than 64 input channels, mostly), the row is packed as one bit string, (M, COB, kh, 1, Wr, 8)
+        with Wr = ceil(kw·C_in/64), and the kernel packs the input the same way (16 channels, 3×3:
+        a third of the popcounts)."""
         M, C_out = self.M, self.weight_shape[0]
         COB = (C_out + 7) // 8
         by_tap = bits.reshape(M, C_out, -1, kh, kw).permute(0, 1, 3, 4, 2)  # (M, C_out, kh, kw, C_in)
-        words = pack_words(by_tap)  # (M, C_out, kh, kw, Wc)
+        C_in, taps = by_tap.shape[-1], kw
+        if kw > 1 and (kw * C_in + 63) // 64 < kw * ((C_in + 63) // 64):
+            by_tap = by_tap.reshape(M, C_out, kh, 1, kw * C_in)
+            taps = 1
+        words = pack_words(by_tap)  # (M, C_out, kh, taps, Wc)
         words = F.pad(words, (0, 0, 0, 0, 0, 0, 0, COB * 8 - C_out))
-        wk = words.view(M, COB, 8, kh, kw, -1).permute(0, 1, 3, 4, 5, 2).contiguous()
+        wk = words.view(M, COB, 8, kh, taps, -1).permute(0, 1, 3, 4, 5, 2).contiguous()
         alphas = self.alphas.double()
         alphas = alphas.view(M, 1).expand(M, C_out) if alphas.dim() == 1 else alphas
         coef = -2.0 * alphas.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
@@ -159,6 +168,7 @@ class PackedABCConv2d(PackedABCLayer):
             reasons.append(f"padding = {self.padding!r}")
         if self.N > 0 and not reasons:
             self._prepare_kernel(bits, bases, *self.kernel_size)
+            self._geometry = [list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation)]
         elif self.N > 0:
             log.info("packed conv %s: %s has no binary kernel; using the float reference path",
                      self.extra_repr(), ", ".join(reasons))
@@ -209,10 +219,12 @@ class PackedABCConv2d(PackedABCLayer):
         isa = self._use_native(x) if x.dim() == 4 else None
         if isa is None:
             return self.reference_forward(x)
-        x = x.contiguous()
-        return ops.packed_conv2d(x, self._wk, self._coef, self.border_term(x.shape[2], x.shape[3]), self.shifts,
-                                 self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-                                 self.K / 2, isa)
+        # straight to the operator (its C++ side checks every argument): at batch 1 the Python
+        # wrapper's checks cost as much as a small layer's kernel
+        return torch.ops.abc_packed.conv2d(x.contiguous(), self._wk, self._coef,
+                                           self.border_term(x.shape[2], x.shape[3]), self.shifts, self.out_channels,
+                                           self._geometry[0], self._geometry[1], self._geometry[2],
+                                           self._geometry[3], self.K / 2, _ext.ISA_CODES[isa])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -257,8 +269,8 @@ class PackedABCLinear(PackedABCLayer):
             return self.reference_forward(x)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).contiguous()
-        out = ops.packed_linear(rows, self._wk, self._coef, self._bterm, self.shifts, self.out_features,
-                                self.K / 2, isa)
+        out = torch.ops.abc_packed.linear(rows, self._wk, self._coef, self._bterm, self.shifts, self.out_features,
+                                          self.K / 2, _ext.ISA_CODES[isa])
         return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

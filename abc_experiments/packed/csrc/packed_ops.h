@@ -11,7 +11,8 @@
 
 namespace abc_packed {
 
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// kAvx512Emulated: the AVX-512 code with its AVX-512 intrinsics emulated on AVX2 (tests only).
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Emulated = 3 };
 
 // Which ISAs this CPU (and OS) can run: bit 0 AVX2, bit 1 AVX-512 F/BW/DQ/VL + VPOPCNTDQ.
 int cpu_features();
@@ -51,7 +52,20 @@ struct ConvArgs {
   float half_k;                 // K / 2, K = bits per receptive field (C_in * kh * kw)
 };
 
+// Dense taps, for inputs of fewer than 64 channels (or any C where it saves words): packed pixels
+// (rows, Wp, N, Wc) -> (rows, Wq, N, Wr), Wq = Wp - dw (kw - 1), where position x holds the kw
+// pixels x, x + dw, ... of its kernel row side by side: bit kx * C + c of the Wr = ceil(kw C / 64)
+// words is channel c of pixel x + kx dw. A k x k conv then runs as a k x 1 conv on Wr words per
+// position instead of kw Wc (16 channels, 3 x 3: one word per kernel row instead of three).
+// `out` zero-filled by the caller.
+struct TapArgs {
+  const uint64_t* in;
+  int64_t rows, Wp, N, Wc, C, kw, dw, Wq, Wr;
+  uint64_t* out;
+};
+
 void pack_nchw(Isa isa, const PackArgs& args);
+void concat_taps(const TapArgs& args);
 void pack_rows(Isa isa, const RowPackArgs& args);
 void conv(Isa isa, const ConvArgs& args);
 

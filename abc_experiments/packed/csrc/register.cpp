@@ -12,10 +12,11 @@ namespace abc_packed {
 namespace {
 
 Isa checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 2, "abc_packed: unknown isa code ", isa, " (0 portable, 1 avx2, 2 avx512)");
+  TORCH_CHECK(isa >= 0 && isa <= 3, "abc_packed: unknown isa code ", isa,
+              " (0 portable, 1 avx2, 2 avx512, 3 avx512 emulated on avx2)");
   const int features = cpu_features();
   TORCH_CHECK(isa != 2 || (features & 2), "abc_packed: this CPU lacks AVX-512 F/BW/DQ/VL + VPOPCNTDQ");
-  TORCH_CHECK(isa != 1 || (features & 1), "abc_packed: this CPU lacks AVX2 + FMA");
+  TORCH_CHECK((isa != 1 && isa != 3) || (features & 1), "abc_packed: this CPU lacks AVX2 + FMA");
   return static_cast<Isa>(isa);
 }
 
@@ -81,16 +82,25 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "abc_packed: kernel, stride, padding and dilation need 2 values each");
   const Isa code = checked_isa(isa);
-  at::Tensor xp = pack_nchw_op(x, shifts, padding[0], padding[1], isa);
-  const int64_t B = x.size(0), N = shifts.numel(), Wc = xp.size(4), Hp = xp.size(1), Wp = xp.size(2);
-  const int64_t kh = kernel[0], kw = kernel[1];
-  check_weights(wk, coef, N, Wc, kh, kw, out_channels);
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1,
               "abc_packed: stride and dilation must be >= 1");
-  const int64_t OH = (Hp - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t OW = (Wp - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(Hp >= dilation[0] * (kh - 1) + 1 && Wp >= dilation[1] * (kw - 1) + 1,
+  at::Tensor xp = pack_nchw_op(x, shifts, padding[0], padding[1], isa);
+  const int64_t B = x.size(0), C = x.size(1), N = shifts.numel(), Hp = xp.size(1);
+  int64_t Wc = xp.size(4), Wp = xp.size(2), kw = kernel[1], dw = dilation[1];
+  const int64_t kh = kernel[0];
+  TORCH_CHECK(Hp >= dilation[0] * (kh - 1) + 1 && Wp >= dw * (kw - 1) + 1,
               "abc_packed: input ", x.sizes(), " is smaller than the (dilated) kernel");
+  const int64_t OH = (Hp - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (Wp - dw * (kw - 1) - 1) / stride[1] + 1;
+  if (kw > 1 && wk.dim() == 6 && wk.size(3) == 1) {  // weights packed with dense taps (see TapArgs)
+    const int64_t Wq = Wp - dw * (kw - 1), Wr = (kw * C + 63) / 64;
+    at::Tensor xq = at::zeros({B, Hp, Wq, N, Wr}, xp.options());
+    concat_taps(TapArgs{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B * Hp, Wp, N, Wc, C, kw, dw,
+                        Wq, Wr, reinterpret_cast<uint64_t*>(xq.data_ptr<int64_t>())});
+    xp = xq;
+    Wp = Wq, Wc = Wr, kw = 1, dw = 1;
+  }
+  check_weights(wk, coef, N, Wc, kh, kw, out_channels);
   TORCH_CHECK(bterm.device().is_cpu() && bterm.scalar_type() == at::kFloat && bterm.is_contiguous() &&
                   bterm.dim() == 3 && bterm.size(0) == out_channels && bterm.size(1) == OH && bterm.size(2) == OW,
               "abc_packed: border term must be a contiguous float32 tensor (", out_channels, ", ", OH, ", ", OW,
@@ -98,7 +108,7 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
   at::Tensor out = at::empty({B, out_channels, OH, OW}, x.options());
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B, Hp, Wp, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_channels,
-                kh, kw, stride[0], stride[1], dilation[0], dilation[1], OH, OW, coef.data_ptr<float>(),
+                kh, kw, stride[0], stride[1], dilation[0], dw, OH, OW, coef.data_ptr<float>(),
                 bterm.data_ptr<float>(), OH * OW, OW, 1, out.data_ptr<float>(), out_channels * OH * OW, OH * OW,
                 OW, 1, static_cast<float>(half_k)};
   conv(code, args);

@@ -55,7 +55,9 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
                               _mm256_castps256_ps128(u3), _mm256_extractf128_ps(u0, 1), _mm256_extractf128_ps(u1, 1),
                               _mm256_extractf128_ps(u2, 1), _mm256_extractf128_ps(u3, 1)};
       const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
-      for (int64_t j = 0; j < count; ++j) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // unrolled: rows[j] stays in registers
+        if (j >= count) break;
         const int64_t co = co0 + j0 + j;
         float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
         const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
@@ -73,7 +75,9 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
     transpose8x8_ps(r0, r1, r2, r3, r4, r5, r6, r7);  // r_j: 8 positions of channel co0 + j0 + j
     const __m256 rows[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
     const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
-    for (int64_t j = 0; j < count; ++j) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      if (j >= count) break;
       const int64_t co = co0 + j0 + j;
       float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
       const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
