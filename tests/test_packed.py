@@ -67,6 +67,7 @@ CONV_CASES = [
     (32, 8, 3, 1, 3, 3, 10, 10, 1, 3, "per_layer", True),
     (8, 40, 2, 3, 1, 1, 16, 5, 2, 2, "per_channel", False),
     (5, 7, 3, 1, 0, 1, 3, 3, 1, 7, "per_layer", True),  # N > 5: planes in chunks
+    (200, 12, 3, 1, 1, 1, 6, 7, 2, 2, "per_channel", True),  # 36 words per output: counters spilled
 ]
 
 
@@ -108,6 +109,21 @@ def test_linear_matches_float_layer(isa, M, N, scope, features):
         assert rel_err(out, ref) <= 1e-5
     with P.use_isa(isa):  # extra leading dimensions
         assert packed(x.view(1, rows, -1)).shape == (1, rows, features[1])
+
+
+@pytest.mark.parametrize("isa", NATIVE)
+def test_counters_never_overflow(isa):
+    """Every bit a mismatch (weights all ones, inputs all zero bits) over 36 words per output: the
+    AVX2 path's byte counters (8 per step) must be spilled before they wrap."""
+    need(isa)
+    cin, cout, k = 256, 16, 3
+    wk = torch.full((1, cout // 8, k, k, cin // 64, 8), -1, dtype=torch.int64)  # all bits set
+    coef = torch.ones(1, 1, cout)
+    K = cin * k * k
+    x = torch.zeros(2, cin, 5, 6)  # 0 + 0 < 0.5: every activation bit is 0
+    out = P.ops.packed_conv2d(x, wk, coef, torch.zeros(cout, 3, 4), torch.zeros(1), cout, (k, k), (1, 1), (0, 0),
+                              (1, 1), K / 2, isa=isa)
+    assert torch.equal(out, torch.full((2, cout, 3, 4), K / 2))  # coef · (K − K/2) everywhere
 
 
 @pytest.mark.parametrize("isa", NATIVE)

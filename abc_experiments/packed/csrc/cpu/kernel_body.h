@@ -7,6 +7,8 @@
 //   Wv load_w(const uint64_t* p)          the same word of 8 output channels (8 consecutive u64)
 //   Av bcast(uint64_t a)                  one activation word, broadcast
 //   Cv czero(); void step(Cv&, Wv, Av)    8 popcount counters; counter += popcount(w ^ a) per lane
+//   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 31)
+//   void spill(uint64_t* total, Cv&)      total[l] += counter[l], counters to 0 (every kSpan steps)
 //   void fold(float* t, const float* c, const Cv&, float h)   t[l] += c[l] * (counter[l] - h), l < 8
 //   uint32_t cmp8(const float* x, float v)           bit i = (x[i] + v >= 0.5f), i < 8
 //   bool store8x8(...)                    optional fast transposed store (see below)
@@ -86,6 +88,18 @@ static void pack_rows_impl(const RowPackArgs& a) {
 }
 
 // ---- binary convolution ----
+// (always inlined: a call taking the counters by reference would keep them in memory, not registers)
+template <int CB, int P, int NN>
+__attribute__((always_inline)) static inline void spill_all(uint64_t (&total)[CB][P][NN][8],
+                                                            typename V::Cv (&acc)[CB][P][NN]) {
+#pragma GCC unroll 32
+  for (int cb = 0; cb < CB; ++cb)
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p)
+#pragma GCC unroll 32
+      for (int nn = 0; nn < NN; ++nn) V::spill(total[cb][p][nn], acc[cb][p][nn]);
+}
+
 // One register tile: CB blocks of 8 output channels x P output positions x NN activation planes,
 // for one weight basis m; one pass over the receptive field, all CB*P*NN popcount counters in
 // registers, then folded into the float tile with -2 alpha_m beta_n.
@@ -105,6 +119,12 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
   int64_t ix[P];
 #pragma GCC unroll 32
   for (int p = 0; p < P; ++p) ix[p] = (ox0 + p < a.OW ? ox0 + p : a.OW - 1) * a.sw;  // tail: repeat the last
+  // More steps than the counters hold: spill them into 64-bit totals every kSpan steps (the
+  // countdown reaches 0 only then, so short reductions pay one decrement per step).
+  const bool spilled = a.kh * a.kw * Wc > V::kSpan;
+  alignas(64) uint64_t total[CB][P][NN][8];
+  if (spilled) std::memset(total, 0, sizeof total);
+  int64_t left = V::kSpan;
   for (int64_t ky = 0; ky < a.kh; ++ky) {
     const uint64_t* row = a.xp + ((b * a.Hp + oy * a.sh + ky * a.dh) * a.Wp) * NW + n0 * Wc;
     for (int64_t kx = 0; kx < a.kw; ++kx) {
@@ -124,17 +144,28 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
 #pragma GCC unroll 32
             for (int cb = 0; cb < CB; ++cb) V::step(acc[cb][p][nn], w[cb], av);
           }
+        if (--left == 0) {
+          spill_all<CB, P, NN>(total, acc);
+          left = V::kSpan;
+        }
       }
     }
   }
+  if (spilled) spill_all<CB, P, NN>(total, acc);
 #pragma GCC unroll 32
   for (int cb = 0; cb < CB; ++cb)
 #pragma GCC unroll 32
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 32
-      for (int nn = 0; nn < NN; ++nn)
-        V::fold(tile + p * tile_stride + cb * 8, a.coef + ((m * a.N + n0 + nn) * a.COB + cob + cb) * 8, acc[cb][p][nn],
-                a.half_k);
+      for (int nn = 0; nn < NN; ++nn) {
+        float* t = tile + p * tile_stride + cb * 8;
+        const float* c = a.coef + ((m * a.N + n0 + nn) * a.COB + cob + cb) * 8;
+        if (!spilled) {
+          V::fold(t, c, acc[cb][p][nn], a.half_k);
+        } else {
+          for (int l = 0; l < 8; ++l) t[l] += c[l] * (static_cast<float>(total[cb][p][nn][l]) - a.half_k);
+        }
+      }
 }
 
 template <int CB, int P, int NNMAX>

@@ -12,6 +12,12 @@ struct V : AvxCommon {
   static inline void step(Cv& acc, const Wv& w, const Av& a) {
     acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(w, a)));
   }
+  static constexpr int64_t kSpan = int64_t{1} << 40;  // 64-bit counters: never spilled in practice
+  static inline void spill(uint64_t* total, Cv& acc) {
+    _mm512_storeu_si512(static_cast<void*>(total),
+                        _mm512_add_epi64(_mm512_loadu_si512(static_cast<const void*>(total)), acc));
+    acc = czero();
+  }
   static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
     const __m256 counts = _mm256_sub_ps(_mm512_cvtepu64_ps(acc), _mm256_set1_ps(half_k));
     _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, _mm256_loadu_ps(t)));

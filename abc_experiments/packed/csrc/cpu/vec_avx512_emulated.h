@@ -1,10 +1,10 @@
-// The AVX-512 policy (vec_avx512.h, unchanged) compiled with the seven AVX-512 intrinsics it uses
+// The AVX-512 policy (vec_avx512.h, unchanged) compiled with the eight AVX-512 intrinsics it uses
 // replaced by plain C++ on eight 64-bit lanes, so that its code (register blocking, counter
 // folding, the shared kernel body at its AVX-512 configuration) runs and is tested exactly on CPUs
 // without AVX-512; its stores and binarization are the real AVX2 code. For tests, not for speed:
 // never picked by "auto". Included inside kernels.cpp's avx2 target region, in its own namespace,
-// where these declarations hide the global intrinsics of the same names. No include guard.
-#include <cstring>
+// where these declarations hide the global intrinsics of the same names (std::memcpy: kernels.cpp
+// includes <cstring> first). No include guard.
 
 struct M512iEmulated {
   uint64_t lane[8];
@@ -16,6 +16,7 @@ static inline __m512i _mm512_loadu_si512(const void* p) {
   std::memcpy(r.lane, p, sizeof r.lane);
   return r;
 }
+static inline void _mm512_storeu_si512(void* p, __m512i a) { std::memcpy(p, a.lane, sizeof a.lane); }
 static inline __m512i _mm512_set1_epi64(long long x) {
   __m512i r;
   for (auto& v : r.lane) v = static_cast<uint64_t>(x);

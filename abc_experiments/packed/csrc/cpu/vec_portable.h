@@ -21,6 +21,11 @@ struct V {
   static inline void step(Cv& acc, const Wv& w, Av a) {
     for (int l = 0; l < 8; ++l) acc.v[l] += popcount64(w.v[l] ^ a);
   }
+  static constexpr int64_t kSpan = int64_t{1} << 40;  // 64-bit counters: never spilled in practice
+  static inline void spill(uint64_t* total, Cv& acc) {
+    for (int l = 0; l < 8; ++l) total[l] += acc.v[l];
+    acc = czero();
+  }
   static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
     for (int l = 0; l < 8; ++l) t[l] += c[l] * (static_cast<float>(acc.v[l]) - half_k);
   }
