@@ -12,8 +12,22 @@ import logging
 log = logging.getLogger(__name__)
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch runs its thread pool on OpenMP (its Linux builds): ``at::parallel_for``
+    is a header template that splits work with ``#pragma omp parallel``, so an extension compiled
+    without the flag silently runs every parallel_for on one thread. The extension then shares the
+    libgomp that torch already loaded (same soname), so ``torch.set_num_threads`` governs it."""
+    import sys
+
+    import torch
+
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+
+
 def load_extension(name: str, sources: list[str], extra_cflags: list[str], include_paths: list[str]) -> None:
-    """Build (if needed) and load the extension ``name``; its ops register themselves."""
+    """Build (if needed) and load the extension ``name``; its ops register themselves. The callers
+    put ``extra_cflags`` and :func:`openmp_flags` into ``name``, so a build with other flags is
+    never reused."""
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant for CPU kernels
@@ -22,8 +36,9 @@ def load_extension(name: str, sources: list[str], extra_cflags: list[str], inclu
 
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
-            load(name=name, sources=sources, extra_cflags=extra_cflags, extra_include_paths=include_paths,
-                 is_python_module=False, verbose=False)
+            load(name=name, sources=sources, extra_cflags=extra_cflags + openmp_flags(),
+                 extra_ldflags=openmp_flags(), extra_include_paths=include_paths, is_python_module=False,
+                 verbose=False)
     finally:
         cpp_log.setLevel(level)
     if captured.getvalue().strip():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import bucket_case, run_kernel
 
+from abc_experiments.cpp_build import openmp_flags
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
 from abc_experiments.nn import activations
 from abc_experiments.nn.activations import _Kernels, staircase
@@ -240,15 +241,18 @@ def test_native_kernel_at_every_threshold_and_window_edge(dtype):
 
 
 @needs_native
-def test_native_kernel_gives_the_same_results_on_any_number_of_threads():
+def test_native_kernel_runs_on_torch_threads_with_the_same_results():
     x, shifts, betas = bucket_case(4, torch.float32, 7)
     x = torch.cat([x] * 8)  # 512K elements: several parallel tasks
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
+        assert torch.ops.abc_nn.parallel_threads(64) == 1
         single = run_kernel("native", x, shifts, betas, g)
         torch.set_num_threads(max(2, threads))
+        if openmp_flags():  # built for torch's OpenMP pool: parallel_for really splits the work
+            assert torch.ops.abc_nn.parallel_threads(64) == max(2, threads)
         multi = run_kernel("native", x, shifts, betas, g)
     finally:
         torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from abc_experiments import packed as P
+from abc_experiments.cpp_build import openmp_flags
 from abc_experiments.models import build_model
 from abc_experiments.nn import ABCConv2d, ABCLinear, calibrate, convert
 from abc_experiments.packed import _bits, _ext
@@ -140,6 +141,26 @@ def test_activation_packing(isa):
     assert torch.equal(words, expected)
     rows = P.ops.pack_rows(x[:, :, 0, 0].contiguous(), shifts, isa=isa)
     assert torch.equal(rows, _bits.pack_words(bits[:, :, :, 0, 0].permute(1, 0, 2)))
+
+
+def test_kernels_run_on_torch_threads_with_the_same_results():
+    """``torch.set_num_threads`` governs the kernels' parallel_for (an extension built without
+    -fopenmp runs it on one thread, silently), and the outputs do not depend on the thread count."""
+    need("avx2" if "avx2" in P.cpu_isas() else "portable")
+    layer = ABCConv2d.from_conv(nn.Conv2d(24, 40, 3, padding=1), 2, 3).eval()
+    packed = P.PackedABCConv2d.from_abc(layer)
+    x = torch.randn(4, 24, 9, 11, generator=torch.Generator().manual_seed(0))
+    threads, outputs = torch.get_num_threads(), {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            if openmp_flags() or count == 1:
+                assert torch.ops.abc_packed.parallel_threads(64) == count
+            with torch.no_grad():
+                outputs[count] = packed(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[1], outputs[2])
 
 
 def test_bits_round_trip():

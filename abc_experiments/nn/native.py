@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpp_build import build_failure, load_extension
+from ..cpp_build import build_failure, load_extension, openmp_flags
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def extension_name() -> str:
     for source in SOURCES:
         digest.update(source.encode())
         digest.update((CSRC / source).read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + openmp_flags()).encode())
     digest.update(torch.__version__.encode())
     return f"abc_nn_{digest.hexdigest()[:12]}"
 

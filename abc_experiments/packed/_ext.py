@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpp_build import build_failure, load_extension
+from ..cpp_build import build_failure, load_extension, openmp_flags
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_emulated": 3}
 ENV_VAR = "ABC_PACKED_ISA"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("register.cpp", "kernels.cpp")
+CFLAGS = ["-O3"]
 
 
 class PackedKernelWarning(UserWarning):
@@ -48,6 +49,7 @@ def _source_digest() -> str:
         if path.suffix in (".cpp", ".h"):
             digest.update(path.relative_to(CSRC).as_posix().encode())
             digest.update(path.read_bytes())
+    digest.update(" ".join(CFLAGS + openmp_flags()).encode())
     digest.update(torch.__version__.encode())
     return digest.hexdigest()[:12]
 
@@ -67,7 +69,7 @@ def build_directory() -> Path:
 def _load() -> None:
     name = extension_name()
     log.info("building/loading the packed ABC kernels %s (the first build takes a minute or two)", name)
-    load_extension(name, [str(CSRC / source) for source in SOURCES], ["-O3"], [str(CSRC)])
+    load_extension(name, [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)])
 
 
 def extension_available() -> bool:

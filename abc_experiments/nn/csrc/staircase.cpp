@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -256,9 +257,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> staircase_backward(const at::Tens
 
 }  // namespace
 
+// How many threads at::parallel_for used for `tasks` one-element tasks: what a test reads to check
+// that the build really runs in parallel (without -fopenmp, parallel_for is silently serial).
+int64_t parallel_threads(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() & 63)); });
+  return __builtin_popcountll(seen.load());
+}
+
 TORCH_LIBRARY(abc_nn, m) {
   m.def("staircase_forward(Tensor x, Tensor shifts, Tensor betas) -> Tensor");
   m.def("staircase_backward(Tensor x, Tensor grad, Tensor shifts, Tensor betas) -> (Tensor, Tensor, Tensor)");
+  m.def("parallel_threads(int tasks) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(abc_nn, CPU, m) {

@@ -2,7 +2,10 @@
 // kernels. Tensors come in and go out without copies: inputs must already be contiguous float32
 // (the Python wrappers in abc_experiments/packed/ops.py check them and say what is wrong).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include <vector>
 
@@ -136,10 +139,20 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
 
 int64_t cpu_features_op() { return cpu_features(); }
 
+// How many threads at::parallel_for used for `tasks` one-element tasks: what a test reads to check
+// that the build really runs in parallel (without -fopenmp, parallel_for is silently serial).
+int64_t parallel_threads(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() & 63)); });
+  return __builtin_popcountll(seen.load());
+}
+
+
 }  // namespace
 
 TORCH_LIBRARY(abc_packed, m) {
   m.def("cpu_features() -> int", &cpu_features_op);
+  m.def("parallel_threads(int tasks) -> int", &parallel_threads);
   m.def("pack_nchw(Tensor x, Tensor shifts, int pad_h, int pad_w, int isa) -> Tensor", &pack_nchw_op);
   m.def("pack_rows(Tensor x, Tensor shifts, int isa) -> Tensor", &pack_rows_op);
   m.def("conv2d(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_channels, int[] kernel, "
