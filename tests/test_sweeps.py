@@ -52,6 +52,34 @@ def test_four_job_sweep_then_abc_report(tmp_path):
         assert path.read_bytes()[:8] == PNG and imread(path).shape[0] > 100
 
 
+def test_sweep_job_dirs_and_tensorboard_runs_are_named_by_the_swept_keys(tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    sweep = tmp_path / "sweep"
+    common = [*SWEEP_SETTINGS, "abc.N=1", "finetune.lr=0.002"]  # shared by both jobs: not in their names
+    result = run_cli(["-m", "abc.M=1,2", *common, f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"],
+                     cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(summaries(sweep)) == ["abc.M=1", "abc.M=2"]
+    assert "abc.M=2  " in result.stdout  # the closing table names the jobs by their dirs
+    # what is shared stays on record: in the sweep's multirun.yaml and each job's overrides.yaml
+    assert "finetune.lr=0.002" in (sweep / "multirun.yaml").read_text()
+    assert "finetune.lr=0.002" in (sweep / "abc.M=2" / ".hydra" / "overrides.yaml").read_text()
+    # TensorBoard's run list on the sweep dir: job, then stage, short enough to read at a glance
+    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Runs()
+    assert sorted(runs) == ["abc.M=1/tb/abc", "abc.M=1/tb/fp", "abc.M=2/tb/abc", "abc.M=2/tb/fp"]
+
+    # a job of the sweep resumes as a single run in its own dir (the command Ctrl-C would print)
+    job = sweep / "abc.M=2"
+    before = json.loads((job / "summary.json").read_text())
+    resumed = run_cli(["abc.M=2", *common, f'hydra.run.dir="{job}"', "resume=true",
+                       f"cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((job / "summary.json").read_text())
+    assert after["status"] == "finished" and after["finetuned"]["acc"] == before["finetuned"]["acc"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["abc.M=1", "abc.M=2", "multirun.yaml"]
+
+
 def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(["-m", "abc.M=0,1", *SWEEP_SETTINGS, f"hydra.sweep.dir={sweep}",
@@ -79,6 +107,7 @@ def test_launcher_runs_two_jobs_into_one_sweep_dir(tmp_path, launcher, plugin):
     sweeps = list((tmp_path / "outputs" / "multirun").iterdir())
     assert len(sweeps) == 1  # both jobs resolved the launcher's sweep dir
     jobs = summaries(sweeps[0])
+    assert sorted(jobs) == ["abc.M=1", "abc.M=2"]  # the jobs' own processes read the swept keys too
     assert sorted(s["abc"]["M"] for s in jobs.values()) == [1, 2]
     assert all(s["status"] == "finished" for s in jobs.values())
 
@@ -91,6 +120,8 @@ def test_optuna_search_maximises_the_returned_validation_accuracy(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = list(summaries(sweep).values())
     assert len(jobs) == 2
+    # Optuna writes no multirun.yaml: job dirs fall back to every override, shared ones included
+    assert all("finetune.batch_size=128" in name for name in summaries(sweep))
     best = (sweep / "optimization_results.yaml").read_text()
     assert "best_value" in best
     import yaml
