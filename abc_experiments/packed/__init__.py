@@ -3,7 +3,8 @@
 ``pack_model`` replaces every ABC layer of an eval-mode converted model by a packed layer (weight
 bases as bits, binary convolution by xor + popcount in C++ kernels: AVX-512 VPOPCNTDQ, AVX2 or
 portable, picked at run time; a pure-torch reference path when the extension is unavailable);
-``save_packed`` / ``load_packed`` write and read a pickle-free safetensors file.
+``save_packed`` / ``load_packed`` write and read a pickle-free safetensors file;
+``fuse_batchnorm_relu`` folds the BatchNorm (and ReLU) after each packed conv into it, for speed.
 """
 
 from ._ext import (
@@ -20,12 +21,13 @@ from ._ext import (
     use_isa,
 )
 from . import ops  # the operators with argument checks: pack_activations, packed_conv2d, ...
+from .fusion import fuse_batchnorm_relu
 from .io import PackedFormatError, load_packed, pack_model, packed_layers, packed_size_report, read_packed, save_packed
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
 
 __all__ = [
     "ENV_VAR", "ISAS", "PackedABCConv2d", "PackedABCLayer", "PackedABCLinear", "PackedFormatError",
     "PackedKernelWarning", "available_isas", "build_directory", "cpu_isas", "extension_available",
-    "extension_error", "get_isa", "load_packed", "pack_layer", "pack_model", "packed_layers",
-    "ops", "packed_size_report", "read_packed", "save_packed", "set_isa", "use_isa",
+    "extension_error", "fuse_batchnorm_relu", "get_isa", "load_packed", "pack_layer", "pack_model",
+    "packed_layers", "ops", "packed_size_report", "read_packed", "save_packed", "set_isa", "use_isa",
 ]

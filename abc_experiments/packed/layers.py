@@ -113,14 +113,18 @@ class PackedABCLayer(nn.Module):
         wk = words.view(M, COB, 8, kh, taps, -1).permute(0, 1, 3, 4, 5, 2).contiguous()
         alphas = self.alphas.double()
         alphas = alphas.view(M, 1).expand(M, C_out) if alphas.dim() == 1 else alphas
-        coef = -2.0 * alphas.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
-        coef = F.pad(coef, (0, COB * 8 - C_out)).float().contiguous()
         self.register_buffer("_wk", wk, persistent=False)
-        self.register_buffer("_coef", coef, persistent=False)
         self.register_buffer("_alpha_by_channel", alphas, persistent=False)  # float64 (M, C_out)
+        self.register_buffer("_coef", self._kernel_coef(), persistent=False)
         self.register_buffer("_rowsums", bases.double().sum(2).reshape(M * C_out, 1, kh, kw) if bases.dim() == 5
                              else None, persistent=False)
         self.native = True
+
+    def _kernel_coef(self) -> Tensor:
+        """coef (M, N, COB·8) float32 = −2 αₘ[co] βₙ, 0 for the padded channels (float64 products)."""
+        M, C_out = self.M, self.weight_shape[0]
+        coef = -2.0 * self._alpha_by_channel.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
+        return F.pad(coef, (0, (C_out + 7) // 8 * 8 - C_out)).float().contiguous()
 
     def _use_native(self, x: Tensor) -> str | None:
         """The native path to run ``x`` on, or None for the reference path."""
@@ -159,6 +163,10 @@ class PackedABCConv2d(PackedABCLayer):
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
+        # an output affine (a following BatchNorm folded in, see fold_batchnorm) and a fused ReLU
+        self.register_buffer("post_scale", None, persistent=False)
+        self.register_buffer("post_shift", None, persistent=False)
+        self.relu = False
         reasons = []
         if self.groups != 1:
             reasons.append(f"groups = {self.groups}")
@@ -199,6 +207,8 @@ class PackedABCConv2d(PackedABCLayer):
             term = self.betas.double().sum() * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
             if self.bias is not None:
                 term = term + self.bias.double().view(-1, 1, 1)
+            if self.post_scale is not None:
+                term = term * self.post_scale.view(-1, 1, 1) + self.post_shift.view(-1, 1, 1)
             if len(self._bterms) >= 16:
                 self._bterms.clear()
             self._bterms[key] = term.float().contiguous()
@@ -211,9 +221,45 @@ class PackedABCConv2d(PackedABCLayer):
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         if self.padding_mode != "zeros":
             ph, pw = self.padding
-            return F.conv2d(F.pad(a, (pw, pw, ph, ph), mode=self.padding_mode), weight, bias, self.stride, 0,
-                            self.dilation, self.groups)
-        return F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            out = F.conv2d(F.pad(a, (pw, pw, ph, ph), mode=self.padding_mode), weight, bias, self.stride, 0,
+                           self.dilation, self.groups)
+        else:
+            out = F.conv2d(a, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.post_scale is not None:
+            out = out * self.post_scale.to(x.device, x.dtype).view(-1, 1, 1) \
+                + self.post_shift.to(x.device, x.dtype).view(-1, 1, 1)
+        return torch.relu(out) if self.relu else out
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm2d that takes this layer's output into the layer: its affine
+        y·s + t (s = γ/√(σ² + ε), t = β − μ·s, per output channel) scales the kernel's coefficients
+        and the border term, so the kernel writes the normalized output and no pass over it is left.
+        Equal to the BatchNorm applied after, up to float rounding (not bit for bit)."""
+        if bn.training or bn.running_mean is None or bn.num_features != self.out_channels:
+            raise ValueError(f"cannot fold {bn} into a packed conv with {self.out_channels} output channels: "
+                             "it needs an eval-mode BatchNorm2d with running statistics over those channels")
+        if self.relu:
+            raise ValueError("a BatchNorm cannot follow a fused ReLU")
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        if self.post_scale is not None:  # a second fold composes with the first
+            scale, shift = self.post_scale * scale, self.post_shift * scale + shift
+        self.post_scale, self.post_shift = scale.cpu(), shift.cpu()
+        self._bterms.clear()
+        if self.native:
+            self._coef = self._kernel_coef()
+
+    def _kernel_coef(self) -> Tensor:
+        coef = super()._kernel_coef()
+        if self.post_scale is not None:
+            pad = coef.shape[-1] - self.out_channels
+            coef = (coef.double() * F.pad(self.post_scale, (0, pad)).view(1, 1, -1)).float().contiguous()
+        return coef
 
     def forward(self, x: Tensor) -> Tensor:
         isa = self._use_native(x) if x.dim() == 4 else None
@@ -224,12 +270,13 @@ class PackedABCConv2d(PackedABCLayer):
         return torch.ops.abc_packed.conv2d(x.contiguous(), self._wk, self._coef,
                                            self.border_term(x.shape[2], x.shape[3]), self.shifts, self.out_channels,
                                            self._geometry[0], self._geometry[1], self._geometry[2],
-                                           self._geometry[3], self.K / 2, _ext.ISA_CODES[isa])
+                                           self._geometry[3], self.K / 2, _ext.ISA_CODES[isa], self.relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, M={self.M}, N={self.N}, "
-                f"scope={self.scope}, bias={self.bias is not None}")
+                f"scope={self.scope}, bias={self.bias is not None}"
+                + (", batchnorm folded" if self.post_scale is not None else "") + (", relu" if self.relu else ""))
 
 
 class PackedABCLinear(PackedABCLayer):

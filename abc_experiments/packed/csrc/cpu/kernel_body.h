@@ -188,8 +188,10 @@ static inline void store_tile(const ConvArgs& a, int64_t b, int64_t oy, int64_t 
   const float* eb = a.bterm + oy * a.e_y;
   for (int64_t j = 0; j < nco; ++j) {
     const int64_t co = co0 + j;
-    for (int64_t p = 0; p < np; ++p)
-      ob[co * a.o_co + (ox0 + p) * a.o_x] = eb[co * a.e_co + (ox0 + p) * a.e_x] + tile[p * tile_stride + j];
+    for (int64_t p = 0; p < np; ++p) {
+      const float v = eb[co * a.e_co + (ox0 + p) * a.e_x] + tile[p * tile_stride + j];
+      ob[co * a.o_co + (ox0 + p) * a.o_x] = a.relu && !(v > 0.f) ? 0.f : v;
+    }
   }
 }
 

@@ -25,6 +25,8 @@ static inline void transpose8x8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r
   r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+static inline __m256 relu8(const ConvArgs& a, __m256 v) { return a.relu ? _mm256_max_ps(v, _mm256_setzero_ps()) : v; }
+
 // Returns false when the generic scalar store must do it.
 static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
                                 int64_t nco, int64_t P, const float* tile, int64_t tile_stride) {
@@ -34,8 +36,11 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
       float* o = a.out + b * a.o_b + oy * a.o_y + (ox0 + p) * a.o_x + co0;
       const float* t = tile + p * tile_stride;
       for (int64_t j = 0; j < full; j += 8)
-        _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(a.bterm + co0 + j), _mm256_loadu_ps(t + j)));
-      for (int64_t j = full; j < nco; ++j) o[j] = a.bterm[co0 + j] + t[j];
+        _mm256_storeu_ps(o + j, relu8(a, _mm256_add_ps(_mm256_loadu_ps(a.bterm + co0 + j), _mm256_loadu_ps(t + j))));
+      for (int64_t j = full; j < nco; ++j) {
+        const float v = a.bterm[co0 + j] + t[j];
+        o[j] = a.relu && !(v > 0.f) ? 0.f : v;
+      }
     }
     return true;
   }
@@ -61,7 +66,8 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
         const int64_t co = co0 + j0 + j;
         float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
         const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-        _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(e), rows[j]));
+        const __m128 v = _mm_add_ps(_mm_loadu_ps(e), rows[j]);
+        _mm_storeu_ps(o, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
       }
     }
     return true;
@@ -81,7 +87,7 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
       const int64_t co = co0 + j0 + j;
       float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
       const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(e), rows[j]));
+      _mm256_storeu_ps(o, relu8(a, _mm256_add_ps(_mm256_loadu_ps(e), rows[j])));
     }
   }
   return true;

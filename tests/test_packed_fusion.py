@@ -1,0 +1,112 @@
+"""Fusing a packed conv's BatchNorm and ReLU into it (abc_experiments.packed.fuse_batchnorm_relu):
+the fused layer equals conv → BatchNorm → ReLU on every kernel path, a converted ResNet-20 loses its
+BatchNorm passes and keeps its predictions, and what torch.fx cannot trace comes back unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+from abc_experiments import packed as P
+from abc_experiments.models import build_model
+from abc_experiments.nn import ABCConv2d, calibrate, convert
+from abc_experiments.packed import _ext
+
+
+def paths():
+    native = _ext.cpu_isas() + _ext.emulated_isas() if P.extension_available() else ()
+    return (*native, "reference")
+
+
+def random_batchnorm(channels: int, seed: int) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) * 2 + 0.2)
+        bn.weight.copy_(torch.randn(channels, generator=g))
+        bn.bias.copy_(torch.randn(channels, generator=g))
+    return bn.eval()
+
+
+def rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_folded_layer_equals_conv_batchnorm_relu_on_every_path(relu):
+    g = torch.Generator().manual_seed(0)
+    layer = ABCConv2d.from_conv(nn.Conv2d(20, 19, 3, stride=2, padding=1), 2, 3).eval()
+    with torch.no_grad():
+        layer.activation_binarizer.shifts.copy_(torch.tensor([0.25, -0.125, 0.0]))
+    packed, bn = P.PackedABCConv2d.from_abc(layer), random_batchnorm(19, 1)
+    fused = copy.deepcopy(packed)
+    fused.fold_batchnorm(bn)
+    fused.relu = relu
+    x = torch.randn(2, 20, 9, 8, generator=g)
+    for isa in paths():
+        with torch.no_grad(), P.use_isa(isa):
+            ref = bn(packed(x))
+            ref = torch.relu(ref) if relu else ref
+            out = fused(x)
+        assert rel_err(out, ref) <= 1e-5, isa
+        if relu:
+            assert (out >= 0).all() and (out == 0).any()
+    assert "batchnorm folded" in repr(fused)
+
+
+def test_fold_refuses_a_training_batchnorm_or_a_wrong_width():
+    packed = P.PackedABCConv2d.from_abc(ABCConv2d.from_conv(nn.Conv2d(4, 8, 3), 1, 1).eval())
+    with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):
+        packed.fold_batchnorm(nn.BatchNorm2d(8).train())
+    with pytest.raises(ValueError, match="8 output channels"):
+        packed.fold_batchnorm(nn.BatchNorm2d(5).eval())
+
+
+def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predictions():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 3, 32, 10)
+    convert(model, 2, 2, scope="per_channel")
+    calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=5)
+    for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
+    packed = P.pack_model(model.eval())
+    fused = P.fuse_batchnorm_relu(packed)
+    assert isinstance(fused, fx.GraphModule)
+    convs = [m for m in fused.modules() if isinstance(m, P.PackedABCConv2d)]
+    assert len(convs) == 20 and all(m.post_scale is not None for m in convs)  # 18 3×3, 2 shortcut 1×1
+    assert sum(m.relu for m in convs) == 9  # conv1 → bn1 → relu1 of each block; conv2's ReLU follows the sum
+    assert len([m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]) == 1  # after the float first conv
+    assert all(m.post_scale is None for m in packed.modules() if isinstance(m, P.PackedABCConv2d))  # a copy
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = packed(x), fused(x)
+    per_image = (out - ref).abs().amax(1) / ref.abs().amax(1)
+    # equal up to rounding; an activation within rounding of a threshold may binarize otherwise
+    assert (per_image <= 1e-5).float().mean() >= 0.75
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = P.PackedABCConv2d.from_abc(ABCConv2d.from_conv(nn.Conv2d(3, 4, 3), 1, 1).eval())
+        self.bn = nn.BatchNorm2d(4).eval()
+
+    def forward(self, x):
+        if x.sum() > 0:  # torch.fx cannot trace this
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_an_untraceable_model_comes_back_unchanged():
+    model = DataDependent()
+    fused = P.fuse_batchnorm_relu(model)
+    assert type(fused) is DataDependent and fused is not model
+    assert fused.conv.post_scale is None
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
