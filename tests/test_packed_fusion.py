@@ -5,6 +5,7 @@ BatchNorm passes and keeps its predictions, and what torch.fx cannot trace comes
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -58,6 +59,22 @@ def test_folded_layer_equals_conv_batchnorm_relu_on_every_path(relu):
     assert "batchnorm folded" in repr(fused)
 
 
+def test_residual_then_relu_in_the_store_equals_adding_after():
+    g = torch.Generator().manual_seed(2)
+    layer = ABCConv2d.from_conv(nn.Conv2d(16, 24, 3, padding=1), 1, 2).eval()
+    packed, bn = P.PackedABCConv2d.from_abc(layer), random_batchnorm(24, 3)
+    fused = copy.deepcopy(packed)
+    fused.fold_batchnorm(bn)
+    fused.relu = True
+    x = torch.randn(2, 16, 7, 10, generator=g)
+    for residual in (torch.randn(2, 24, 7, 10, generator=g), torch.randn(1, 24, 1, 1, generator=g)):  # broadcast
+        for isa in paths():
+            with torch.no_grad(), P.use_isa(isa):
+                ref = torch.relu(bn(packed(x)) + residual)
+                out = fused(x, residual)
+            assert rel_err(out, ref) <= 1e-5, (isa, residual.shape)
+
+
 def test_fold_refuses_a_training_batchnorm_or_a_wrong_width():
     packed = P.PackedABCConv2d.from_abc(ABCConv2d.from_conv(nn.Conv2d(4, 8, 3), 1, 1).eval())
     with pytest.raises(ValueError, match="eval-mode BatchNorm2d"):
@@ -78,7 +95,9 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     assert isinstance(fused, fx.GraphModule)
     convs = [m for m in fused.modules() if isinstance(m, P.PackedABCConv2d)]
     assert len(convs) == 20 and all(m.post_scale is not None for m in convs)  # 18 3×3, 2 shortcut 1×1
-    assert sum(m.relu for m in convs) == 9  # conv1 → bn1 → relu1 of each block; conv2's ReLU follows the sum
+    assert sum(m.relu for m in convs) == 18  # relu1 after conv1 → bn1, relu2 after conv2 → bn2 + shortcut
+    additions = [n for n in fused.graph.nodes if n.op == "call_function" and n.target is operator.add]
+    assert not additions and sum(len(n.args) == 2 for n in fused.graph.nodes if n.op == "call_module") == 9
     assert len([m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]) == 1  # after the float first conv
     assert all(m.post_scale is None for m in packed.modules() if isinstance(m, P.PackedABCConv2d))  # a copy
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -214,8 +214,9 @@ class PackedABCConv2d(PackedABCLayer):
             self._bterms[key] = term.float().contiguous()
         return self._bterms[key]
 
-    def reference_forward(self, x: Tensor) -> Tensor:
-        """The fused float form conv(Σβₙ Hₙ(x), Σ αₘ Bₘ) + bias (what the float layer computes)."""
+    def reference_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The fused float form conv(Σβₙ Hₙ(x), Σ αₘ Bₘ) + bias (what the float layer computes),
+        then the fused output steps (folded BatchNorm, residual, ReLU) if any."""
         a = _staircase(x, self.shifts, self.betas) if self.N else x
         weight = self.weight_hat.to(x.device, x.dtype)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
@@ -228,6 +229,8 @@ class PackedABCConv2d(PackedABCLayer):
         if self.post_scale is not None:
             out = out * self.post_scale.to(x.device, x.dtype).view(-1, 1, 1) \
                 + self.post_shift.to(x.device, x.dtype).view(-1, 1, 1)
+        if residual is not None:
+            out = out + residual
         return torch.relu(out) if self.relu else out
 
     @torch.no_grad()
@@ -261,16 +264,25 @@ class PackedABCConv2d(PackedABCLayer):
             coef = (coef.double() * F.pad(self.post_scale, (0, pad)).view(1, 1, -1)).float().contiguous()
         return coef
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``residual`` (the output's shape; given by :func:`fuse_batchnorm_relu` for a residual
+        addition that follows the layer) is added before the fused ReLU."""
         isa = self._use_native(x) if x.dim() == 4 else None
-        if isa is None:
-            return self.reference_forward(x)
+        if isa is None or (residual is not None and (residual.dtype != torch.float32 or residual.device != x.device)):
+            return self.reference_forward(x, residual)
+        bterm = self.border_term(x.shape[2], x.shape[3])
+        if residual is not None and residual.shape != (x.shape[0], *bterm.shape):  # a broadcast addition
+            out = self._native(x, bterm, isa, False, None) + residual
+            return torch.relu(out) if self.relu else out
+        return self._native(x, bterm, isa, self.relu, residual)
+
+    def _native(self, x: Tensor, bterm: Tensor, isa: str, relu: bool, residual: Tensor | None) -> Tensor:
         # straight to the operator (its C++ side checks every argument): at batch 1 the Python
         # wrapper's checks cost as much as a small layer's kernel
-        return torch.ops.abc_packed.conv2d(x.contiguous(), self._wk, self._coef,
-                                           self.border_term(x.shape[2], x.shape[3]), self.shifts, self.out_channels,
-                                           self._geometry[0], self._geometry[1], self._geometry[2],
-                                           self._geometry[3], self.K / 2, _ext.ISA_CODES[isa], self.relu)
+        return torch.ops.abc_packed.conv2d(x.contiguous(), self._wk, self._coef, bterm, self.shifts,
+                                           self.out_channels, self._geometry[0], self._geometry[1],
+                                           self._geometry[2], self._geometry[3], self.K / 2, _ext.ISA_CODES[isa],
+                                           relu, None if residual is None else residual.contiguous())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

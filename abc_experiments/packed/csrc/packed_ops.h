@@ -37,7 +37,8 @@ struct RowPackArgs {
 
 // Binary convolution of packed activations with packed weights; writes
 //   out[b, co, oy, ox] = bterm[co, oy, ox] + sum_{m,n} coef[m, n, co] * (popcount(xor) - K/2)
-// (then max(., 0) with `relu`; a following BatchNorm is folded into coef and bterm by the caller)
+// (then + residual[b, co, oy, ox] if given, then max(., 0) with `relu`; a following BatchNorm is
+// folded into coef and bterm by the caller)
 // (centred counts: both terms stay of the output's magnitude, no cancellation of large numbers)
 // (a linear layer is the 1x1 case on a 1 x R "image", with its own output/bterm strides).
 struct ConvArgs {
@@ -52,6 +53,7 @@ struct ConvArgs {
   int64_t o_b, o_co, o_y, o_x;  // strides of out
   float half_k;                 // K / 2, K = bits per receptive field (C_in * kh * kw)
   bool relu;                    // out = max(out, 0): a following ReLU fused into the store
+  const float* residual;        // nullptr, or added before the ReLU (conv layers: out's shape and strides)
 };
 
 // Dense taps, for inputs of fewer than 64 channels (or any C where it saves words): packed pixels

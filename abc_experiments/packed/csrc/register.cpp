@@ -81,7 +81,7 @@ void check_weights(const at::Tensor& wk, const at::Tensor& coef, int64_t N, int6
 at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor& coef, const at::Tensor& bterm,
                      const at::Tensor& shifts, int64_t out_channels, at::IntArrayRef kernel, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, double half_k,
-                     int64_t isa, bool relu) {
+                     int64_t isa, bool relu, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "abc_packed: kernel, stride, padding and dilation need 2 values each");
   const Isa code = checked_isa(isa);
@@ -109,11 +109,19 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
               "abc_packed: border term must be a contiguous float32 tensor (", out_channels, ", ", OH, ", ", OW,
               "), got ", bterm.sizes());
   at::Tensor out = at::empty({B, out_channels, OH, OW}, x.options());
+  const float* res = nullptr;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.is_contiguous() && r.sizes() == out.sizes(),
+                "abc_packed: the residual must be a contiguous float32 CPU tensor of the output's shape ", out.sizes(),
+                ", got ", r.sizes());
+    res = r.data_ptr<float>();
+  }
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B, Hp, Wp, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_channels,
                 kh, kw, stride[0], stride[1], dilation[0], dw, OH, OW, coef.data_ptr<float>(),
                 bterm.data_ptr<float>(), OH * OW, OW, 1, out.data_ptr<float>(), out_channels * OH * OW, OH * OW,
-                OW, 1, static_cast<float>(half_k), relu};
+                OW, 1, static_cast<float>(half_k), relu, res};
   conv(code, args);
   return out;
 }
@@ -132,7 +140,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), 1, 1, R, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_features,
                 1, 1, 1, 1, 1, 1, 1, R, coef.data_ptr<float>(), bterm.data_ptr<float>(), 1, 0, 0,
-                out.data_ptr<float>(), 0, 1, 0, out_features, static_cast<float>(half_k), false};
+                out.data_ptr<float>(), 0, 1, 0, out_features, static_cast<float>(half_k), false, nullptr};
   conv(code, args);
   return out;
 }
@@ -156,7 +164,8 @@ TORCH_LIBRARY(abc_packed, m) {
   m.def("pack_nchw(Tensor x, Tensor shifts, int pad_h, int pad_w, int isa) -> Tensor", &pack_nchw_op);
   m.def("pack_rows(Tensor x, Tensor shifts, int isa) -> Tensor", &pack_rows_op);
   m.def("conv2d(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_channels, int[] kernel, "
-        "int[] stride, int[] padding, int[] dilation, float half_k, int isa, bool relu=False) -> Tensor",
+        "int[] stride, int[] padding, int[] dilation, float half_k, int isa, bool relu=False, "
+        "Tensor? residual=None) -> Tensor",
         &conv2d_op);
   m.def("linear(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_features, float half_k, int isa) -> Tensor",
         &linear_op);

@@ -189,8 +189,10 @@ static inline void store_tile(const ConvArgs& a, int64_t b, int64_t oy, int64_t 
   for (int64_t j = 0; j < nco; ++j) {
     const int64_t co = co0 + j;
     for (int64_t p = 0; p < np; ++p) {
-      const float v = eb[co * a.e_co + (ox0 + p) * a.e_x] + tile[p * tile_stride + j];
-      ob[co * a.o_co + (ox0 + p) * a.o_x] = a.relu && !(v > 0.f) ? 0.f : v;
+      const int64_t at = co * a.o_co + (ox0 + p) * a.o_x;
+      float v = eb[co * a.e_co + (ox0 + p) * a.e_x] + tile[p * tile_stride + j];
+      if (a.residual) v += a.residual[b * a.o_b + oy * a.o_y + at];
+      ob[at] = a.relu && !(v > 0.f) ? 0.f : v;
     }
   }
 }

@@ -64,10 +64,11 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
       for (int j = 0; j < 8; ++j) {  // unrolled: rows[j] stays in registers
         if (j >= count) break;
         const int64_t co = co0 + j0 + j;
-        float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
+        const int64_t at = b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
         const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-        const __m128 v = _mm_add_ps(_mm_loadu_ps(e), rows[j]);
-        _mm_storeu_ps(o, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
+        __m128 v = _mm_add_ps(_mm_loadu_ps(e), rows[j]);
+        if (a.residual) v = _mm_add_ps(v, _mm_loadu_ps(a.residual + at));
+        _mm_storeu_ps(a.out + at, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
       }
     }
     return true;
@@ -85,9 +86,11 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
     for (int j = 0; j < 8; ++j) {
       if (j >= count) break;
       const int64_t co = co0 + j0 + j;
-      float* o = a.out + b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
+      const int64_t at = b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
       const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-      _mm256_storeu_ps(o, relu8(a, _mm256_add_ps(_mm256_loadu_ps(e), rows[j])));
+      __m256 v = _mm256_add_ps(_mm256_loadu_ps(e), rows[j]);
+      if (a.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(a.residual + at));
+      _mm256_storeu_ps(a.out + at, relu8(a, v));
     }
   }
   return true;
