@@ -6,8 +6,13 @@ CPU-only) is not shown. Shared by the packed kernels and the native activation k
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +60,35 @@ def build_failure(what: str, error: Exception, consequence: str) -> str:
     return (f"{what} could not be built or loaded ({type(error).__name__}: {cause}); {consequence}. To fix: "
             "install a C++ compiler (e.g. g++) and ninja (`pip install ninja`), then restart Python (a broken "
             "build cache under ~/.cache/torch_extensions/ can be deleted).")
+
+
+def source_digest(csrc: Path, cflags: list[str]) -> str:
+    """12 hex digits over every .cpp/.h below ``csrc``, the flags (with :func:`openmp_flags`) and
+    torch's version: an extension named with it is rebuilt whenever any of them changes."""
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sorted(csrc.rglob("*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.relative_to(csrc).as_posix().encode())
+            digest.update(path.read_bytes())
+    digest.update(" ".join(cflags + openmp_flags()).encode())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:12]
+
+
+def load_once(state: dict, lock: threading.Lock, load: Callable[[], None], what: str, consequence: str,
+              category: type[Warning]) -> bool:
+    """Run ``load`` (build and load an extension, then whatever checks the caller adds) the first time
+    only; True if it worked. On failure ``state["error"]`` keeps the exception and ONE warning of
+    ``category`` says what failed, ``consequence`` and the fix (:func:`build_failure`)."""
+    if state["loaded"] is None:
+        with lock:
+            if state["loaded"] is None:
+                try:
+                    load()
+                    state["loaded"] = True
+                except Exception as error:  # no compiler, no ninja, a build error, an import error
+                    state["loaded"], state["error"] = False, error
+                    warnings.warn(build_failure(what, error, consequence), category, stacklevel=4)
+    return bool(state["loaded"])

@@ -30,7 +30,7 @@ def need(isa: str) -> None:
         return
     if not P.extension_available():
         pytest.skip(f"the C++ extension is unavailable: {P.extension_error()}")
-    if isa not in _ext.cpu_isas() + _ext.emulated_isas():
+    if isa not in _ext.runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels (it runs {', '.join(P.cpu_isas())})")
 
 

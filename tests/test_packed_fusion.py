@@ -18,7 +18,7 @@ from abc_experiments.packed import _ext
 
 
 def paths():
-    native = _ext.cpu_isas() + _ext.emulated_isas() if P.extension_available() else ()
+    native = _ext.runnable_isas() if P.extension_available() else ()
     return (*native, "reference")
 
 

@@ -9,15 +9,13 @@ is False: the ``"auto"`` kernel then uses ``"bucket"`` (same values).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from ..cpp_build import build_failure, load_extension, openmp_flags
+from ..cpp_build import load_extension, load_once, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +36,7 @@ _state: dict = {"loaded": None, "error": None}
 
 def extension_name() -> str:
     """``abc_nn_<digest>`` of the sources, the flags and torch's version: a stale build is never reused."""
-    digest = hashlib.sha256()
-    for source in SOURCES:
-        digest.update(source.encode())
-        digest.update((CSRC / source).read_bytes())
-    digest.update(" ".join(CFLAGS + openmp_flags()).encode())
-    digest.update(torch.__version__.encode())
-    return f"abc_nn_{digest.hexdigest()[:12]}"
+    return f"abc_nn_{source_digest(CSRC, CFLAGS)}"
 
 
 def _load() -> None:
@@ -70,22 +62,10 @@ def _register_fakes() -> None:
 
 def native_available() -> bool:
     """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
-    if _state["loaded"] is None:
-        with _lock:
-            if _state["loaded"] is None:
-                try:
-                    _load()
-                    _register_fakes()
-                    _state["loaded"] = True
-                except Exception as error:  # no compiler, no ninja, a build error, an import error
-                    _state["loaded"], _state["error"] = False, error
-                    warnings.warn(
-                        build_failure("abc_experiments.nn: the native C++ activation kernels", error,
-                                      "kernel 'auto' uses 'bucket' instead (same values, slower on small "
-                                      "activations)"),
-                        NativeKernelWarning, stacklevel=3,
-                    )
-    return bool(_state["loaded"])
+    return load_once(_state, _lock, lambda: (_load(), _register_fakes()),
+                     "abc_experiments.nn: the native C++ activation kernels",
+                     "kernel 'auto' uses 'bucket' instead (same values, slower on small activations)",
+                     NativeKernelWarning)
 
 
 def native_error() -> Exception | None:

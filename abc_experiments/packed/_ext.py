@@ -11,16 +11,14 @@ packed layer uses the reference path (same results).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from ..cpp_build import build_failure, load_extension, openmp_flags
+from ..cpp_build import load_extension, load_once, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +41,9 @@ _lock = threading.Lock()
 _state: dict = {"loaded": None, "error": None, "forced": None, "cpu_isas": None}
 
 
-def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(CSRC.rglob("*")):
-        if path.suffix in (".cpp", ".h"):
-            digest.update(path.relative_to(CSRC).as_posix().encode())
-            digest.update(path.read_bytes())
-    digest.update(" ".join(CFLAGS + openmp_flags()).encode())
-    digest.update(torch.__version__.encode())
-    return digest.hexdigest()[:12]
-
-
 def extension_name() -> str:
-    """The extension's name; it changes with the sources, so a stale build is never reused."""
-    return f"abc_packed_{_source_digest()}"
+    """The extension's name; it changes with the sources and flags, so a stale build is never reused."""
+    return f"abc_packed_{source_digest(CSRC, CFLAGS)}"
 
 
 def build_directory() -> Path:
@@ -74,22 +61,10 @@ def _load() -> None:
 
 def extension_available() -> bool:
     """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
-    if _state["loaded"] is None:
-        with _lock:
-            if _state["loaded"] is None:
-                try:
-                    _load()
-                    torch.ops.abc_packed.cpu_features()
-                    _state["loaded"] = True
-                except Exception as error:  # no compiler, no ninja, a build error, an import error
-                    _state["loaded"], _state["error"] = False, error
-                    warnings.warn(
-                        build_failure("abc_experiments.packed: the C++ kernels", error,
-                                      "using the pure-torch reference path, which gives the same results but "
-                                      "is much slower (set ABC_PACKED_ISA=reference to silence this warning)"),
-                        PackedKernelWarning, stacklevel=3,
-                    )
-    return bool(_state["loaded"])
+    return load_once(_state, _lock, lambda: (_load(), torch.ops.abc_packed.cpu_features()),
+                     "abc_experiments.packed: the C++ kernels",
+                     "using the pure-torch reference path, which gives the same results but is much slower "
+                     "(set ABC_PACKED_ISA=reference to silence this warning)", PackedKernelWarning)
 
 
 def extension_error() -> Exception | None:
@@ -111,6 +86,11 @@ def cpu_isas() -> tuple[str, ...]:
 def emulated_isas() -> tuple[str, ...]:
     """The test-only paths this CPU can run (:data:`TEST_ISAS`; they need AVX2)."""
     return TEST_ISAS if "avx2" in cpu_isas() else ()
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """Every native path this CPU can run when asked by name: :func:`cpu_isas` and the test-only ones."""
+    return cpu_isas() + emulated_isas()
 
 
 def available_isas() -> tuple[str, ...]:
@@ -140,7 +120,7 @@ def get_isa() -> str:
     _check_name(name)
     if not extension_available():
         return "reference"  # the warning has said why
-    if name not in cpu_isas() + emulated_isas():
+    if name not in runnable_isas():
         raise RuntimeError(f"packed kernel path {name!r} was requested ({ENV_VAR} or set_isa) but this CPU "
                            f"cannot run it; available here: {', '.join(available_isas())}")
     return name

@@ -91,6 +91,9 @@ class PackedABCLayer(nn.Module):
         self.register_buffer("weight_hat", combine(self.alphas, bases), persistent=False)
         self.K = numel // C_out
         self.native = False
+        # the output affine of a following BatchNorm folded in (PackedABCConv2d.fold_batchnorm), float64
+        self.register_buffer("post_scale", None, persistent=False)
+        self.register_buffer("post_shift", None, persistent=False)
         return bits, bases
 
     def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
@@ -121,9 +124,12 @@ class PackedABCLayer(nn.Module):
         self.native = True
 
     def _kernel_coef(self) -> Tensor:
-        """coef (M, N, COB·8) float32 = −2 αₘ[co] βₙ, 0 for the padded channels (float64 products)."""
+        """coef (M, N, COB·8) float32 = −2 αₘ[co] βₙ (times a folded BatchNorm's scale), 0 for the
+        padded channels; the products in float64, rounded once."""
         M, C_out = self.M, self.weight_shape[0]
         coef = -2.0 * self._alpha_by_channel.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
+        if self.post_scale is not None:
+            coef = coef * self.post_scale.view(1, 1, C_out)
         return F.pad(coef, (0, (C_out + 7) // 8 * 8 - C_out)).float().contiguous()
 
     def _use_native(self, x: Tensor) -> str | None:
@@ -163,10 +169,7 @@ class PackedABCConv2d(PackedABCLayer):
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
-        # an output affine (a following BatchNorm folded in, see fold_batchnorm) and a fused ReLU
-        self.register_buffer("post_scale", None, persistent=False)
-        self.register_buffer("post_shift", None, persistent=False)
-        self.relu = False
+        self.relu = False  # a following ReLU done in the kernel (fuse_batchnorm_relu)
         reasons = []
         if self.groups != 1:
             reasons.append(f"groups = {self.groups}")
@@ -256,13 +259,6 @@ class PackedABCConv2d(PackedABCLayer):
         self._bterms.clear()
         if self.native:
             self._coef = self._kernel_coef()
-
-    def _kernel_coef(self) -> Tensor:
-        coef = super()._kernel_coef()
-        if self.post_scale is not None:
-            pad = coef.shape[-1] - self.out_channels
-            coef = (coef.double() * F.pad(self.post_scale, (0, pad)).view(1, 1, -1)).float().contiguous()
-        return coef
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``residual`` (the output's shape; given by :func:`fuse_batchnorm_relu` for a residual

@@ -17,7 +17,7 @@ def _isa_code(isa: str | None) -> int:
         raise ValueError(f"the C++ operators run the native paths {', '.join(_ext.ISA_CODES)}, not {name!r}")
     if not _ext.extension_available():
         raise RuntimeError(f"the packed ABC C++ extension is unavailable: {_ext.extension_error()}")
-    if name not in _ext.cpu_isas() + _ext.emulated_isas():
+    if name not in _ext.runnable_isas():
         raise RuntimeError(f"this CPU cannot run the {name!r} kernels; available: {', '.join(_ext.cpu_isas())}")
     return _ext.ISA_CODES[name]
 

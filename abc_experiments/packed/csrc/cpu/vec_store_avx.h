@@ -1,20 +1,23 @@
 // Vectorised tile stores shared by the AVX2 and AVX-512 policies (included inside each policy's
 // target region). No include guard on purpose.
 
+// Four rows of 8 floats -> u0..u3, where 128-bit half h of u_k holds column 4h + k of the four
+// rows, in row order (two 4x4 transposes side by side).
+static inline void transpose4x4_halves(__m256 q0, __m256 q1, __m256 q2, __m256 q3, __m256& u0, __m256& u1,
+                                       __m256& u2, __m256& u3) {
+  const __m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
+  const __m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
+  u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+
 static inline void transpose8x8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
                                    __m256& r6, __m256& r7) {
-  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u0, u1, u2, u3, u4, u5, u6, u7;
+  transpose4x4_halves(r0, r1, r2, r3, u0, u1, u2, u3);
+  transpose4x4_halves(r4, r5, r6, r7, u4, u5, u6, u7);
   r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
   r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
   r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
@@ -26,6 +29,30 @@ static inline void transpose8x8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r
 }
 
 static inline __m256 relu8(const ConvArgs& a, __m256 v) { return a.relu ? _mm256_max_ps(v, _mm256_setzero_ps()) : v; }
+
+// One channel's 4 or 8 consecutive positions: out = relu?(bterm + row (+ residual)).
+static inline void store_row(const ConvArgs& a, int64_t at, const float* e, __m128 row) {
+  __m128 v = _mm_add_ps(_mm_loadu_ps(e), row);
+  if (a.residual) v = _mm_add_ps(v, _mm_loadu_ps(a.residual + at));
+  _mm_storeu_ps(a.out + at, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
+}
+static inline void store_row(const ConvArgs& a, int64_t at, const float* e, __m256 row) {
+  __m256 v = _mm256_add_ps(_mm256_loadu_ps(e), row);
+  if (a.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(a.residual + at));
+  _mm256_storeu_ps(a.out + at, relu8(a, v));
+}
+
+// rows[j] (j < count): the positions ox0... of output channel co0 + j.
+template <class Row>
+static inline void store_rows(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t count,
+                              const Row (&rows)[8]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // unrolled: rows[j] stays in registers
+    if (j >= count) break;
+    const int64_t co = co0 + j;
+    store_row(a, b * a.o_b + co * a.o_co + oy * a.o_y + ox0, a.bterm + co * a.e_co + oy * a.e_y + ox0, rows[j]);
+  }
+}
 
 // Returns false when the generic scalar store must do it.
 static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
@@ -47,29 +74,14 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
   if (a.o_x != 1 || a.e_x != 1 || np != P) return false;
   if (P == 4) {  // 4 positions x 8 channels: two 4x4 transposes (low and high channel halves)
     for (int64_t j0 = 0; j0 < nco; j0 += 8) {
-      const __m256 q0 = _mm256_loadu_ps(tile + 0 * tile_stride + j0), q1 = _mm256_loadu_ps(tile + 1 * tile_stride + j0);
-      const __m256 q2 = _mm256_loadu_ps(tile + 2 * tile_stride + j0), q3 = _mm256_loadu_ps(tile + 3 * tile_stride + j0);
-      const __m256 t0 = _mm256_unpacklo_ps(q0, q1), t1 = _mm256_unpackhi_ps(q0, q1);
-      const __m256 t2 = _mm256_unpacklo_ps(q2, q3), t3 = _mm256_unpackhi_ps(q2, q3);
-      // lane half h of u_k holds channel 4h + k: its 4 positions
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+      __m256 u0, u1, u2, u3;  // half h of u_k: channel 4h + k at the 4 positions
+      transpose4x4_halves(_mm256_loadu_ps(tile + 0 * tile_stride + j0), _mm256_loadu_ps(tile + 1 * tile_stride + j0),
+                          _mm256_loadu_ps(tile + 2 * tile_stride + j0), _mm256_loadu_ps(tile + 3 * tile_stride + j0),
+                          u0, u1, u2, u3);
       const __m128 rows[8] = {_mm256_castps256_ps128(u0), _mm256_castps256_ps128(u1), _mm256_castps256_ps128(u2),
                               _mm256_castps256_ps128(u3), _mm256_extractf128_ps(u0, 1), _mm256_extractf128_ps(u1, 1),
                               _mm256_extractf128_ps(u2, 1), _mm256_extractf128_ps(u3, 1)};
-      const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {  // unrolled: rows[j] stays in registers
-        if (j >= count) break;
-        const int64_t co = co0 + j0 + j;
-        const int64_t at = b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
-        const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-        __m128 v = _mm_add_ps(_mm_loadu_ps(e), rows[j]);
-        if (a.residual) v = _mm_add_ps(v, _mm_loadu_ps(a.residual + at));
-        _mm_storeu_ps(a.out + at, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
-      }
+      store_rows(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
     }
     return true;
   }
@@ -81,17 +93,7 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
     __m256 r6 = _mm256_loadu_ps(tile + 6 * tile_stride + j0), r7 = _mm256_loadu_ps(tile + 7 * tile_stride + j0);
     transpose8x8_ps(r0, r1, r2, r3, r4, r5, r6, r7);  // r_j: 8 positions of channel co0 + j0 + j
     const __m256 rows[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
-    const int64_t count = nco - j0 < 8 ? nco - j0 : 8;
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      if (j >= count) break;
-      const int64_t co = co0 + j0 + j;
-      const int64_t at = b * a.o_b + co * a.o_co + oy * a.o_y + ox0;
-      const float* e = a.bterm + co * a.e_co + oy * a.e_y + ox0;
-      __m256 v = _mm256_add_ps(_mm256_loadu_ps(e), rows[j]);
-      if (a.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(a.residual + at));
-      _mm256_storeu_ps(a.out + at, relu8(a, v));
-    }
+    store_rows(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
   }
   return true;
 }
