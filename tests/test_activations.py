@@ -173,11 +173,11 @@ def test_bucket_kernel_with_a_threshold_exactly_at_zero():
     x = torch.relu(torch.randn(1 << 16, generator=torch.Generator().manual_seed(3)))
     x[:100] = -0.0
     shifts, betas = torch.tensor([0.5, 0.0, 0.5]), torch.tensor([0.2, 0.3, 0.1])
-    g = torch.randn_like(x)
-    bucket, eager = run_kernel("bucket", x, shifts, betas, g), run_kernel("eager", x, shifts, betas, g)
-    assert torch.equal(bucket[0], eager[0])
-    for a, b in zip(bucket[1:], eager[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    # values bit for bit; gradient sums against a float64 truth, within the rounding a sum of 65536
+    # float32 terms may carry in any order (threads change the order: a fixed tolerance on the
+    # difference between the two kernels failed once on CI)
+    check_against_eager("bucket", x, shifts, betas, g, len(shifts))
 
 
 def test_kernels_are_named_and_auto_is_the_default():
