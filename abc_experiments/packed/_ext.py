@@ -112,6 +112,17 @@ def set_isa(name: str | None) -> None:
 
 def get_isa() -> str:
     """The path packed layers use now: :func:`set_isa`, else ``ABC_PACKED_ISA``, else the best."""
+    # every packed layer asks on every call: remember the answer for the same request and load state
+    key = (_state["forced"], os.environ.get(ENV_VAR), _state["loaded"] is not None, _state["error"] is None)
+    cached = _state.get("resolved")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    name = _resolve_isa()
+    _state["resolved"] = (key, name)
+    return name
+
+
+def _resolve_isa() -> str:
     name = _state["forced"] or os.environ.get(ENV_VAR, "").strip().lower() or "auto"
     if name == "reference":
         return name

@@ -127,7 +127,7 @@ class PackedABCLayer(nn.Module):
         """coef (M, N, COB·8) float32 = −2 αₘ[co] βₙ (times a folded BatchNorm's scale), 0 for the
         padded channels; the products in float64, rounded once."""
         M, C_out = self.M, self.weight_shape[0]
-        coef = -2.0 * self._alpha_by_channel.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
+        coef = -2.0 * self._alpha_by_channel.double().view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
         if self.post_scale is not None:
             coef = coef * self.post_scale.view(1, 1, C_out)
         return F.pad(coef, (0, (C_out + 7) // 8 * 8 - C_out)).float().contiguous()
@@ -169,6 +169,7 @@ class PackedABCConv2d(PackedABCLayer):
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
+        self._calls: dict[tuple[int, int, str], tuple] = {}  # _operator_args, per input size and path
         self.relu = False  # a following ReLU done in the kernel (fuse_batchnorm_relu)
         reasons = []
         if self.groups != 1:
@@ -205,9 +206,10 @@ class PackedABCConv2d(PackedABCLayer):
             ph, pw = self.padding
             outside = torch.ones(1, 1, H + 2 * ph, W + 2 * pw, dtype=torch.float64)
             outside[..., ph:ph + H, pw:pw + W] = 0
-            S = F.conv2d(outside, self._rowsums, stride=self.stride, dilation=self.dilation)[0]
+            # (.double(): model.float() converts the float64 helper buffers too)
+            S = F.conv2d(outside, self._rowsums.double(), stride=self.stride, dilation=self.dilation)[0]
             S = S.view(self.M, self.out_channels, *S.shape[-2:])
-            term = self.betas.double().sum() * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
+            term = self.betas.double().sum() * (self._alpha_by_channel.double().view(self.M, -1, 1, 1) * S).sum(0)
             if self.bias is not None:
                 term = term + self.bias.double().view(-1, 1, 1)
             if self.post_scale is not None:
@@ -256,7 +258,7 @@ class PackedABCConv2d(PackedABCLayer):
         if self.post_scale is not None:  # a second fold composes with the first
             scale, shift = self.post_scale * scale, self.post_shift * scale + shift
         self.post_scale, self.post_shift = scale.cpu(), shift.cpu()
-        self._bterms.clear()
+        self._clear_caches()
         if self.native:
             self._coef = self._kernel_coef()
 
@@ -266,19 +268,37 @@ class PackedABCConv2d(PackedABCLayer):
         isa = self._use_native(x) if x.dim() == 4 else None
         if isa is None or (residual is not None and (residual.dtype != torch.float32 or residual.device != x.device)):
             return self.reference_forward(x, residual)
-        bterm = self.border_term(x.shape[2], x.shape[3])
-        if residual is not None and residual.shape != (x.shape[0], *bterm.shape):  # a broadcast addition
-            out = self._native(x, bterm, isa, False, None) + residual
+        op, args = self._operator_args(x.shape[2], x.shape[3], isa)
+        if residual is None:
+            return op(x.contiguous(), *args, self.relu, None)
+        if residual.shape != (x.shape[0], *args[2].shape):  # a broadcast addition
+            out = op(x.contiguous(), *args, False, None) + residual
             return torch.relu(out) if self.relu else out
-        return self._native(x, bterm, isa, self.relu, residual)
+        return op(x.contiguous(), *args, self.relu, residual.contiguous())
 
-    def _native(self, x: Tensor, bterm: Tensor, isa: str, relu: bool, residual: Tensor | None) -> Tensor:
-        # straight to the operator (its C++ side checks every argument): at batch 1 the Python
-        # wrapper's checks cost as much as a small layer's kernel
-        return torch.ops.abc_packed.conv2d(x.contiguous(), self._wk, self._coef, bterm, self.shifts,
-                                           self.out_channels, self._geometry[0], self._geometry[1],
-                                           self._geometry[2], self._geometry[3], self.K / 2, _ext.ISA_CODES[isa],
-                                           relu, None if residual is None else residual.contiguous())
+    def _operator_args(self, H: int, W: int, isa: str) -> tuple:
+        """(operator, its arguments after the input up to the ISA code) for an H×W input: built once
+        per input size and path (at batch 1 the Python around a small layer's call costs as much as
+        its kernel; the operator's C++ side checks every argument on every call)."""
+        key = (H, W, isa)
+        args = self._calls.get(key)
+        if args is None:
+            args = (torch.ops.abc_packed.conv2d.default,
+                    (self._wk, self._coef, self.border_term(H, W), self.shifts, self.out_channels, *self._geometry,
+                     self.K / 2, _ext.ISA_CODES[isa]))
+            if len(self._calls) >= 16:
+                self._calls.clear()
+            self._calls[key] = args
+        return args
+
+    def _clear_caches(self) -> None:
+        self._bterms.clear()
+        self._calls.clear()
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cpu() / .float() replace the buffers the cached arguments point to
+        self._clear_caches()
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
