@@ -15,6 +15,7 @@ from abc_experiments import packed as P
 from abc_experiments.models import build_model
 from abc_experiments.nn import ABCConv2d, calibrate, convert
 from abc_experiments.packed import _ext
+from abc_experiments.packed.fusion import _LeafTracer
 
 
 def paths():
@@ -91,7 +92,7 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
     packed = P.pack_model(model.eval())
-    fused = P.fuse_batchnorm_relu(packed)
+    fused = P.fuse_batchnorm_relu(packed, chain=False)
     assert isinstance(fused, fx.GraphModule)
     convs = [m for m in fused.modules() if isinstance(m, P.PackedABCConv2d)]
     assert len(convs) == 20 and all(m.post_scale is not None for m in convs)  # 18 3×3, 2 shortcut 1×1
@@ -107,6 +108,87 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     # equal up to rounding; an activation within rounding of a threshold may binarize otherwise
     assert (per_image <= 1e-5).float().mean() >= 0.75
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def fused_resnet20(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 3, 32, 10)
+    convert(model, 1, 2)
+    calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=3)
+    return P.fuse_batchnorm_relu(P.pack_model(model.eval()), chain=False)
+
+
+def test_chained_resnet20_runs_its_body_in_one_call_bit_for_bit_on_every_path():
+    unchained = fused_resnet20()
+    chained = P.chain_packed_convs(copy.deepcopy(unchained))
+    chains = [m for m in chained.modules() if isinstance(m, P.PackedConvChain)]
+    assert len(chains) == 1 and len(chains[0].steps) == 20  # the whole body: 18 3×3 convs, 2 shortcut 1×1
+    assert chains[0].n_inputs == 1 and len(chains[0].outputs) == 1
+    assert sum(r >= 0 for _, r in chains[0].steps) == 9  # the residual additions, as in the unchained graph
+    assert not any(n.op == "call_module" and isinstance(chained.get_submodule(n.target), P.PackedABCConv2d)
+                   for n in chained.graph.nodes)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for isa in paths():
+        with torch.no_grad(), P.use_isa(isa):
+            assert torch.equal(chained(x), unchained(x)), isa
+    assert P.fuse_batchnorm_relu(unchained).packed_chain0.steps == chains[0].steps  # chain=True by default
+
+
+class TwoBranches(nn.Module):
+    """Two inputs, a residual from an input, an output used twice: a chain with several values."""
+
+    def __init__(self):
+        super().__init__()
+        convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 6, 1, stride=2)]
+        for i, conv in enumerate(convs):
+            layer = ABCConv2d.from_conv(conv, 2, 2).eval()
+            with torch.no_grad():
+                layer.activation_binarizer.shifts.copy_(torch.tensor([0.1 * i, -0.2]))
+            setattr(self, f"c{i}", P.PackedABCConv2d.from_abc(layer))
+
+    def forward(self, x, r):
+        a = self.c0(x)
+        b = self.c1(a, r)
+        c = self.c2(b)
+        return a.sum((2, 3)), b, c * 2
+
+
+def traced(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, _LeafTracer().trace(model))  # the packed layers as calls
+
+
+def test_a_chain_with_several_inputs_and_outputs_equals_the_layers_and_falls_back_where_it_must():
+    model = TwoBranches().eval()
+    chained = P.chain_packed_convs(traced(model))
+    chain = chained.packed_chain0
+    assert chain.n_inputs == 2 and chain.steps == [(0, -1), (2, 1), (3, -1)] and chain.outputs == [2, 3, 4]
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(2, 8, 9, 7, generator=g), torch.randn(2, 8, 9, 7, generator=g)
+    for isa in paths():
+        with torch.no_grad(), P.use_isa(isa):
+            for got, want in zip(chained(x, r), model(x, r)):
+                assert torch.equal(got, want), isa
+            # a broadcast residual: the operator cannot take it, the layers run one by one
+            for got, want in zip(chained(x, r[:1, :, :1, :1]), model(x, r[:1, :, :1, :1])):
+                assert torch.equal(got, want), isa
+    if "avx2" in paths() or "portable" in paths():
+        assert any(p is None for p in chain._programs.values())  # the broadcast case
+        chained.float()  # .to() and friends replace the layers' tensors: the programs are rebuilt
+        assert not chain._programs
+        with torch.no_grad():
+            assert torch.equal(chained(x, r)[1], model(x, r)[1])
+
+
+def test_the_chain_operator_refuses_a_program_that_reads_a_later_value():
+    if not P.extension_available():
+        pytest.skip("no C++ kernels here")
+    chained = P.chain_packed_convs(traced(TwoBranches().eval()))
+    x, r = torch.randn(1, 8, 5, 5), torch.randn(1, 8, 5, 5)
+    tensors, ints, isa = chained.packed_chain0._program(("avx2",), (x, r), _ext.get_isa())
+    bad = list(ints)
+    bad[5 + 12 + 10] = 4  # step 1 reads value 4, step 2's output
+    with pytest.raises(RuntimeError, match="not computed before it"):
+        torch.ops.abc_packed.conv2d_chain([x, r], tensors, bad, isa)
 
 
 class DataDependent(nn.Module):

@@ -8,6 +8,10 @@ coefficients and border term and does the residual addition and the ReLU in the 
 The fused model equals the packed one up to float rounding, not bit for bit (PyTorch's BatchNorm
 rounds its own way), so an activation within rounding of a threshold can binarize the other way
 later on; ``abc-export`` and the packed file keep the unfused form, and this is a run-time step.
+
+It then runs each run of consecutive packed convs (a ResNet's whole body, once its BatchNorms, residual
+additions and ReLUs are fused) as ONE operator call, :class:`PackedConvChain`: the same kernels with the
+same arguments, bit for bit, without the module call, Python and dispatcher work around every layer.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import _ext
 from .layers import PackedABCConv2d, PackedABCLayer
 
 log = logging.getLogger(__name__)
@@ -40,13 +45,15 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
+def fuse_batchnorm_relu(model: nn.Module, *, chain: bool = True) -> nn.Module:
     """An inference copy of a packed model (:func:`~abc_experiments.packed.pack_model`) in which
     every eval-mode BatchNorm2d whose only input is a packed conv's output, and that output's only
     user, is folded into the conv (:meth:`PackedABCConv2d.fold_batchnorm`); a residual addition that
     then takes the conv's output (``bn2(conv2(h)) + shortcut`` in a ResNet block) is done in the
-    kernel's store, and so is a ReLU that then follows. Returns a ``torch.fx.GraphModule``; a model
-    that ``torch.fx`` cannot trace comes back as an unchanged copy (logged)."""
+    kernel's store, and so is a ReLU that then follows. With ``chain``, consecutive packed convs then
+    run as one operator call (:func:`chain_packed_convs`; forward hooks on those layers no longer
+    fire). Returns a ``torch.fx.GraphModule``; a model that ``torch.fx`` cannot trace comes back as
+    an unchanged copy (logged)."""
     model = copy.deepcopy(model).eval()
     try:
         graph = _LeafTracer().trace(model)
@@ -93,6 +100,120 @@ def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
     gm.delete_all_unused_submodules()
     log.info("fuse_batchnorm_relu: %d BatchNorm folded, %d residual additions and %d ReLU fused", folded, added,
              fused)
+    return chain_packed_convs(gm) if chain else gm
+
+
+class PackedConvChain(nn.Module):
+    """Consecutive packed convs of a graph, run by ONE call of the ``abc_packed::conv2d_chain``
+    operator: each step is exactly the layer's own ``conv2d`` call (same kernel, same arguments, the
+    same numbers bit for bit), without the module call, Python and dispatcher work around it, which
+    at batch 1 cost as much as a small layer's kernel. Values: the inputs, then each step's output;
+    step i reads ``steps[i] = (input value, residual value or -1)``; the chain returns the values in
+    ``outputs``, as a tuple. Where the operator cannot run (the reference path, an input that is not
+    float32 on the CPU, a broadcast residual), the layers are called one by one instead."""
+
+    def __init__(self, layers: list[PackedABCConv2d], names: list[str], n_inputs: int,
+                 steps: list[tuple[int, int]], outputs: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.names, self.n_inputs, self.steps, self.outputs = list(names), int(n_inputs), list(steps), list(outputs)
+        self._programs: dict[tuple, tuple | None] = {}  # per input shapes and path: (tensors, program, isa code)
+
+    def forward(self, *inputs):
+        isa = _ext.get_isa()
+        if isa != "reference" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4
+                                      for t in inputs):
+            key = (isa, *(t.shape for t in inputs))
+            program = self._programs[key] if key in self._programs else self._program(key, inputs, isa)
+            if program is not None:
+                return tuple(torch.ops.abc_packed.conv2d_chain.default(list(inputs), *program))
+        return self._run_layers(inputs)
+
+    def _run_layers(self, inputs) -> tuple:
+        values = list(inputs)
+        for layer, (i, r) in zip(self.layers, self.steps):
+            values.append(layer(values[i]) if r < 0 else layer(values[i], values[r]))
+        return tuple(values[o] for o in self.outputs)
+
+    def _program(self, key: tuple, inputs, isa: str) -> tuple | None:
+        """The operator's tensors and program for these input shapes (None: run layer by layer)."""
+        shapes = [tuple(t.shape) for t in inputs]
+        tensors, ints = [], [len(self.steps), len(self.outputs), *self.outputs]
+        program = None
+        for layer, (i, r) in zip(self.layers, self.steps):
+            B, C, H, W = shapes[i]
+            if not layer.native or C != layer.in_channels:
+                break
+            _, args = layer._operator_args(H, W, isa)
+            wk, coef, bterm, shifts, out_channels, kernel, stride, padding, dilation = args[:9]
+            out_shape = (B, out_channels, *bterm.shape[1:])
+            if r >= 0 and shapes[r] != out_shape:  # a broadcast addition: the layer handles it
+                break
+            tensors += [wk, coef, bterm, shifts]
+            ints += [out_channels, *kernel, *stride, *padding, *dilation, int(layer.relu), i, r]
+            shapes.append(out_shape)
+        else:
+            program = (tensors, ints, _ext.ISA_CODES[isa])
+        if len(self._programs) >= 16:
+            self._programs.clear()
+        self._programs[key] = program
+        return program
+
+    def _apply(self, fn, recurse=True):
+        self._programs.clear()  # they hold the layers' tensors, which .to() and friends replace
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.steps)} packed convs: {', '.join(self.names)}"
+
+
+def chain_packed_convs(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace each run of two or more consecutive packed-conv calls in ``gm``'s graph (each layer
+    called once, with its input and optional residual as its only arguments) by one
+    :class:`PackedConvChain` call; in place, and returned. Nodes are in a valid order, so such a run
+    is self-contained: whatever it reads comes before it and whatever reads it comes after it."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def chainable(node: fx.Node) -> bool:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        return (isinstance(layer, PackedABCConv2d) and layer.native and calls[node.target] == 1
+                and not node.kwargs and len(node.args) in (1, 2) and all(isinstance(a, fx.Node) for a in node.args))
+
+    runs, current = [], []
+    for node in gm.graph.nodes:
+        if chainable(node):
+            current.append(node)
+            continue
+        if len(current) >= 2:
+            runs.append(current)
+        current = []
+    for k, run in enumerate(runs):
+        members = set(run)
+        inputs = list(dict.fromkeys(a for node in run for a in node.args if a not in members))
+        number = {node: i for i, node in enumerate(inputs)}
+        number.update({node: len(inputs) + i for i, node in enumerate(run)})
+        steps = [(number[n.args[0]], number[n.args[1]] if len(n.args) == 2 else -1) for n in run]
+        outputs = [n for n in run if any(user not in members for user in n.users)]
+        name = f"packed_chain{k}"
+        gm.add_submodule(name, PackedConvChain([modules[n.target] for n in run], [n.target for n in run],
+                                               len(inputs), steps, [number[n] for n in outputs]))
+        with gm.graph.inserting_after(run[-1]):
+            chain_node = gm.graph.call_module(name, tuple(inputs))
+        with gm.graph.inserting_after(chain_node):
+            for j, out in enumerate(reversed(outputs)):  # each inserted right after the chain call
+                item = gm.graph.call_function(operator.getitem, (chain_node, len(outputs) - 1 - j))
+                out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+        for node in reversed(run):
+            gm.graph.erase_node(node)
+    if runs:
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        log.info("chain_packed_convs: %s", ", ".join(f"{len(run)} packed convs in one call" for run in runs))
     return gm
 
 

@@ -145,6 +145,60 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
   return out;
 }
 
+// A chain of packed convs in ONE call (what packed.chain_packed_convs builds from a fused model's
+// graph): at batch 1 the Python and dispatcher work around each layer's call costs as much as a
+// small layer's kernel. Values are numbered: 0 .. inputs-1 the inputs, then one per step, its
+// output. `program`: [steps, outputs, the output values..., then per step kStepInts ints:
+// out_channels, kh, kw, sh, sw, ph, pw, dh, dw, relu, input value, residual value (-1: none)].
+// `tensors`: per step its wk, coef, bterm, shifts. Returns the output values, in order. Each step
+// is exactly the conv2d operator (same kernel, same arguments), and a value is freed after its
+// last use.
+constexpr int64_t kStepInts = 12;
+
+std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList tensors, at::IntArrayRef program,
+                                        int64_t isa) {
+  const int64_t n_in = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK(program.size() >= 2, "abc_packed: conv2d_chain: empty program");
+  const int64_t steps = program[0], n_out = program[1], head = 2 + n_out;
+  TORCH_CHECK(steps >= 1 && n_out >= 1 && static_cast<int64_t>(program.size()) == head + steps * kStepInts &&
+                  static_cast<int64_t>(tensors.size()) == 4 * steps,
+              "abc_packed: conv2d_chain: a program of ", program.size(), " ints and ", tensors.size(),
+              " tensors does not describe ", steps, " steps and ", n_out, " outputs");
+  const int64_t values = n_in + steps;
+  std::vector<int64_t> last_use(values, -1);
+  for (int64_t i = 0; i < n_out; ++i) {
+    TORCH_CHECK(program[2 + i] >= 0 && program[2 + i] < values, "abc_packed: conv2d_chain: bad output value");
+    last_use[program[2 + i]] = steps;  // kept to the end
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t* p = program.data() + head + s * kStepInts;
+    for (int64_t v : {p[10], p[11]}) {
+      TORCH_CHECK(v >= -1 && v < n_in + s, "abc_packed: conv2d_chain: step ", s, " reads value ", v,
+                  ", which is not computed before it");
+      if (v >= 0 && last_use[v] < s) last_use[v] = s;
+    }
+  }
+  std::vector<at::Tensor> value(values);
+  for (int64_t i = 0; i < n_in; ++i) value[i] = inputs[i];
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t* p = program.data() + head + s * kStepInts;
+    const at::Tensor& x = value[p[10]];
+    TORCH_CHECK(x.defined() && x.dim() == 4, "abc_packed: conv2d_chain: step ", s, " needs a 4-dimensional input");
+    c10::optional<at::Tensor> residual;
+    if (p[11] >= 0) residual = value[p[11]];
+    const double half_k = static_cast<double>(x.size(1) * p[1] * p[2]) / 2;
+    value[n_in + s] = conv2d_op(x, tensors[4 * s], tensors[4 * s + 1], tensors[4 * s + 2], tensors[4 * s + 3],
+                                p[0], {p[1], p[2]}, {p[3], p[4]}, {p[5], p[6]}, {p[7], p[8]}, half_k, isa,
+                                p[9] != 0, residual);
+    for (int64_t v : {p[10], p[11]})
+      if (v >= 0 && last_use[v] == s) value[v].reset();  // no longer needed: free it now
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(n_out);
+  for (int64_t i = 0; i < n_out; ++i) out.push_back(value[program[2 + i]]);
+  return out;
+}
+
 int64_t cpu_features_op() { return cpu_features(); }
 
 // How many threads at::parallel_for used for `tasks` one-element tasks: what a test reads to check
@@ -167,6 +221,7 @@ TORCH_LIBRARY(abc_packed, m) {
         "int[] stride, int[] padding, int[] dilation, float half_k, int isa, bool relu=False, "
         "Tensor? residual=None) -> Tensor",
         &conv2d_op);
+  m.def("conv2d_chain(Tensor[] inputs, Tensor[] tensors, int[] program, int isa) -> Tensor[]", &conv2d_chain_op);
   m.def("linear(Tensor x, Tensor wk, Tensor coef, Tensor bterm, Tensor shifts, int out_features, float half_k, int isa) -> Tensor",
         &linear_op);
 }
