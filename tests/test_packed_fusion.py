@@ -179,7 +179,7 @@ def test_a_chain_with_several_inputs_and_outputs_equals_the_layers_and_falls_bac
             assert torch.equal(chained(x, r)[1], model(x, r)[1])
 
 
-def test_the_chain_operator_refuses_a_program_that_reads_a_later_value():
+def test_the_chain_operator_refuses_a_step_reading_a_later_value_or_none():
     if not P.extension_available():
         pytest.skip("no C++ kernels here")
     chained = P.chain_packed_convs(traced(TwoBranches().eval()))
@@ -188,6 +188,9 @@ def test_the_chain_operator_refuses_a_program_that_reads_a_later_value():
     bad = list(ints)
     bad[5 + 12 + 10] = 4  # step 1 reads value 4, step 2's output
     with pytest.raises(RuntimeError, match="not computed before it"):
+        torch.ops.abc_packed.conv2d_chain([x, r], tensors, bad, isa)
+    bad[5 + 12 + 10] = -1  # step 1 without an input
+    with pytest.raises(RuntimeError, match="has no input value"):
         torch.ops.abc_packed.conv2d_chain([x, r], tensors, bad, isa)
 
 

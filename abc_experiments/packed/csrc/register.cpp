@@ -172,6 +172,7 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
   }
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t* p = program.data() + head + s * kStepInts;
+    TORCH_CHECK(p[10] >= 0, "abc_packed: conv2d_chain: step ", s, " has no input value");
     for (int64_t v : {p[10], p[11]}) {
       TORCH_CHECK(v >= -1 && v < n_in + s, "abc_packed: conv2d_chain: step ", s, " reads value ", v,
                   ", which is not computed before it");
