@@ -168,6 +168,9 @@ def test_a_chain_with_several_inputs_and_outputs_equals_the_layers_and_falls_bac
         with torch.no_grad(), P.use_isa(isa):
             for got, want in zip(chained(x, r), model(x, r)):
                 assert torch.equal(got, want), isa
+            channels_last = x.contiguous(memory_format=torch.channels_last)  # not contiguous: copied first
+            for got, want in zip(chained(channels_last, r), model(channels_last, r)):
+                assert torch.equal(got, want), isa
             # a broadcast residual: the operator cannot take it, the layers run one by one
             for got, want in zip(chained(x, r[:1, :, :1, :1]), model(x, r[:1, :, :1, :1])):
                 assert torch.equal(got, want), isa

@@ -126,7 +126,7 @@ class PackedConvChain(nn.Module):
             key = (isa, *(t.shape for t in inputs))
             program = self._programs[key] if key in self._programs else self._program(key, inputs, isa)
             if program is not None:
-                return tuple(torch.ops.abc_packed.conv2d_chain.default(list(inputs), *program))
+                return tuple(torch.ops.abc_packed.conv2d_chain.default([t.contiguous() for t in inputs], *program))
         return self._run_layers(inputs)
 
     def _run_layers(self, inputs) -> tuple:
