@@ -38,7 +38,7 @@ class PackedKernelWarning(UserWarning):
 
 
 _lock = threading.Lock()
-_state: dict = {"loaded": None, "error": None, "forced": None, "cpu_isas": None}
+_state: dict = {"loaded": None, "error": None, "forced": None, "cpu_isas": None, "resolved": None}
 
 
 def extension_name() -> str:
@@ -76,7 +76,7 @@ def cpu_isas() -> tuple[str, ...]:
     """The native kernel paths this CPU can run (empty if the extension is unavailable)."""
     if not extension_available():
         return ()
-    if _state.get("cpu_isas") is None:  # the CPU does not change: ask it once (layers ask every call)
+    if _state["cpu_isas"] is None:  # the CPU does not change: ask it once (layers ask every call)
         features = int(torch.ops.abc_packed.cpu_features())
         found = [isa for isa, bit in (("avx512", 2), ("avx2", 1)) if features & bit]
         _state["cpu_isas"] = (*found, "portable")
@@ -114,7 +114,7 @@ def get_isa() -> str:
     """The path packed layers use now: :func:`set_isa`, else ``ABC_PACKED_ISA``, else the best."""
     # every packed layer asks on every call: remember the answer for the same request and load state
     key = (_state["forced"], os.environ.get(ENV_VAR), _state["loaded"] is not None, _state["error"] is None)
-    cached = _state.get("resolved")
+    cached = _state["resolved"]
     if cached is not None and cached[0] == key:
         return cached[1]
     name = _resolve_isa()

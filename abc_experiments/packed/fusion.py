@@ -62,11 +62,7 @@ def fuse_batchnorm_relu(model: nn.Module, *, chain: bool = True) -> nn.Module:
                  type(model).__name__, error)
         return model
     gm = fx.GraphModule(model, graph, class_name=f"Fused{type(model).__name__}")
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), _module_calls(gm.graph)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     folded = added = fused = 0
     for node in list(gm.graph.nodes):
@@ -172,11 +168,7 @@ def chain_packed_convs(gm: fx.GraphModule) -> fx.GraphModule:
     called once, with its input and optional residual as its only arguments) by one
     :class:`PackedConvChain` call; in place, and returned. Nodes are in a valid order, so such a run
     is self-contained: whatever it reads comes before it and whatever reads it comes after it."""
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    modules, calls = dict(gm.named_modules()), _module_calls(gm.graph)
 
     def chainable(node: fx.Node) -> bool:
         layer = modules.get(node.target) if node.op == "call_module" else None
@@ -215,6 +207,15 @@ def chain_packed_convs(gm: fx.GraphModule) -> fx.GraphModule:
         gm.delete_all_unused_submodules()
         log.info("chain_packed_convs: %s", ", ".join(f"{len(run)} packed convs in one call" for run in runs))
     return gm
+
+
+def _module_calls(graph: fx.Graph) -> dict[str, int]:
+    """How many times the graph calls each submodule (a layer called twice cannot be changed for one call)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
 
 
 def _residual_of(user: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:

@@ -91,9 +91,10 @@ class PackedABCLayer(nn.Module):
         self.register_buffer("weight_hat", combine(self.alphas, bases), persistent=False)
         self.K = numel // C_out
         self.native = False
-        # the output affine of a following BatchNorm folded in (PackedABCConv2d.fold_batchnorm), float64
-        self.register_buffer("post_scale", None, persistent=False)
-        self.register_buffer("post_shift", None, persistent=False)
+        # the output affine of a following BatchNorm folded in (PackedABCConv2d.fold_batchnorm): float64
+        # CPU tensors, plain attributes like the kernel's other float64 helpers (see _prepare_kernel)
+        self.post_scale: Tensor | None = None
+        self.post_shift: Tensor | None = None
         return bits, bases
 
     def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
@@ -117,17 +118,18 @@ class PackedABCLayer(nn.Module):
         alphas = self.alphas.double()
         alphas = alphas.view(M, 1).expand(M, C_out) if alphas.dim() == 1 else alphas
         self.register_buffer("_wk", wk, persistent=False)
-        self.register_buffer("_alpha_by_channel", alphas, persistent=False)  # float64 (M, C_out)
+        # float64 helpers the CPU kernel's coefficients and border term are computed from: plain
+        # attributes, not buffers, so that model.float() / .to() leave their precision alone
+        self._alpha_by_channel = alphas  # (M, C_out)
+        self._rowsums = bases.double().sum(2).reshape(M * C_out, 1, kh, kw) if bases.dim() == 5 else None
         self.register_buffer("_coef", self._kernel_coef(), persistent=False)
-        self.register_buffer("_rowsums", bases.double().sum(2).reshape(M * C_out, 1, kh, kw) if bases.dim() == 5
-                             else None, persistent=False)
         self.native = True
 
     def _kernel_coef(self) -> Tensor:
         """coef (M, N, COB·8) float32 = −2 αₘ[co] βₙ (times a folded BatchNorm's scale), 0 for the
         padded channels; the products in float64, rounded once."""
         M, C_out = self.M, self.weight_shape[0]
-        coef = -2.0 * self._alpha_by_channel.double().view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
+        coef = -2.0 * self._alpha_by_channel.view(M, 1, C_out) * self.betas.double().view(1, -1, 1)
         if self.post_scale is not None:
             coef = coef * self.post_scale.view(1, 1, C_out)
         return F.pad(coef, (0, (C_out + 7) // 8 * 8 - C_out)).float().contiguous()
@@ -180,7 +182,6 @@ class PackedABCConv2d(PackedABCLayer):
             reasons.append(f"padding = {self.padding!r}")
         if self.N > 0 and not reasons:
             self._prepare_kernel(bits, bases, *self.kernel_size)
-            self._geometry = [list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation)]
         elif self.N > 0:
             log.info("packed conv %s: %s has no binary kernel; using the float reference path",
                      self.extra_repr(), ", ".join(reasons))
@@ -206,10 +207,9 @@ class PackedABCConv2d(PackedABCLayer):
             ph, pw = self.padding
             outside = torch.ones(1, 1, H + 2 * ph, W + 2 * pw, dtype=torch.float64)
             outside[..., ph:ph + H, pw:pw + W] = 0
-            # (.double(): model.float() converts the float64 helper buffers too)
-            S = F.conv2d(outside, self._rowsums.double(), stride=self.stride, dilation=self.dilation)[0]
+            S = F.conv2d(outside, self._rowsums, stride=self.stride, dilation=self.dilation)[0]
             S = S.view(self.M, self.out_channels, *S.shape[-2:])
-            term = self.betas.double().sum() * (self._alpha_by_channel.double().view(self.M, -1, 1, 1) * S).sum(0)
+            term = self.betas.double().sum() * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
             if self.bias is not None:
                 term = term + self.bias.double().view(-1, 1, 1)
             if self.post_scale is not None:
@@ -284,7 +284,8 @@ class PackedABCConv2d(PackedABCLayer):
         args = self._calls.get(key)
         if args is None:
             args = (torch.ops.abc_packed.conv2d.default,
-                    (self._wk, self._coef, self.border_term(H, W), self.shifts, self.out_channels, *self._geometry,
+                    (self._wk, self._coef, self.border_term(H, W), self.shifts, self.out_channels,
+                     list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                      self.K / 2, _ext.ISA_CODES[isa]))
             if len(self._calls) >= 16:
                 self._calls.clear()
@@ -296,7 +297,7 @@ class PackedABCConv2d(PackedABCLayer):
         self._calls.clear()
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cpu() / .float() replace the buffers the cached arguments point to
+        # .to() / .cpu() / .float() replace the buffers (_wk, _coef, shifts) the cached arguments hold
         self._clear_caches()
         return super()._apply(fn, recurse)
 

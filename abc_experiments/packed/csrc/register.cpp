@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <atomic>
-
 #include <vector>
 
 #include "packed_ops.h"
@@ -17,7 +16,7 @@ namespace {
 Isa checked_isa(int64_t isa) {
   TORCH_CHECK(isa >= 0 && isa <= 3, "abc_packed: unknown isa code ", isa,
               " (0 portable, 1 avx2, 2 avx512, 3 avx512 emulated on avx2)");
-  const int features = cpu_features();
+  static const int features = cpu_features();  // the CPU does not change: ask it once, not per call
   TORCH_CHECK(isa != 2 || (features & 2), "abc_packed: this CPU lacks AVX-512 F/BW/DQ/VL + VPOPCNTDQ");
   TORCH_CHECK((isa != 1 && isa != 3) || (features & 1), "abc_packed: this CPU lacks AVX2 + FMA");
   return static_cast<Isa>(isa);
@@ -209,7 +208,6 @@ int64_t parallel_threads(int64_t tasks) {
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() & 63)); });
   return __builtin_popcountll(seen.load());
 }
-
 
 }  // namespace
 

@@ -210,7 +210,7 @@ static void conv_tasks(const ConvArgs& args, int64_t ncog, int64_t t0, int64_t t
       for (int64_t cob = cb_lo; cob < cb_hi;) {
         const int64_t cbn = cb_hi - cob >= CB ? CB : 1;
         const int64_t stride = cbn * 8;
-        for (int i = 0; i < P * CB * 8; ++i) tile[i] = 0.f;  // constant size: vector stores, not rep stos
+        for (int i = 0; i < P * CB * 8; ++i) tile[i] = 0.f;
         for (int64_t m = 0; m < a.M; ++m) {
           for (int64_t n0 = 0; n0 < a.N; n0 += NNMAX) {
             const int64_t nn = a.N - n0 < NNMAX ? a.N - n0 : NNMAX;
