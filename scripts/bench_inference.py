@@ -6,8 +6,9 @@ Measures (all interleaved: the candidates take turns within every repetition, me
   batch 1 and 32, on 1 and 2 threads: ``F.conv2d`` vs packed ABC (1,1), (3,3), (5,5) on every
   native kernel path this CPU runs (the time includes binarizing and packing the input);
 * whole models seed_cnn (linear=True, 1×28×28) and resnet20 (3×32×32), converted and calibrated on
-  random data: float vs packed ABC(1,1) and (3,3), each also with its BatchNorms, residual additions
-  and ReLUs fused into the packed convs (``fuse_batchnorm_relu(chain=False)``, "fused"), and then
+  random data: float vs packed ABC(1,1) and (3,3) (``pack_model``, which folds the BatchNorms that
+  follow packed convs), each also with its residual additions and ReLUs fused into the packed convs
+  (``fuse_batchnorm_relu(chain=False)``, "fused"), and then
   with consecutive packed convs run as one operator call (``fuse_batchnorm_relu()``, the default,
   "chained"), latency at batch 1, throughput at batch 64;
 * file sizes: resnet20 ABC(1,1) packed file vs its float weights (default conversion, which keeps
@@ -116,7 +117,7 @@ def bench_models(isa, repeats) -> list[dict]:
         candidates = {"float": float_model}
         for pair in ((1, 1), (3, 3)):
             candidates[f"ABC{pair}"] = P.pack_model(converted_model(name, shape, *pair, linear=linear))
-            # BatchNorm folded into the packed convs, residual addition and ReLU in their store
+            # (BatchNorms folded into the packed convs by pack_model) residual addition and ReLU in their store
             candidates[f"ABC{pair} fused"] = P.fuse_batchnorm_relu(candidates[f"ABC{pair}"], chain=False)
             # and consecutive packed convs in one operator call (the default)
             candidates[f"ABC{pair} chained"] = P.fuse_batchnorm_relu(candidates[f"ABC{pair}"])

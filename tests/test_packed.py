@@ -252,11 +252,19 @@ def test_converted_model_same_logits(isa, name, models):
     x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), P.use_isa(isa):
         ref, out = model(x), packed(x)
-        # in the model, every packed layer equals its float layer on the input that reaches it
+        # in the model, every packed layer equals its float layer on the input that reaches it (then
+        # the BatchNorm that pack_model folded into it, if any)
         assert set(inputs) == set(report.converted)
         for layer_name, layer_input in inputs.items():
-            assert rel_err(packed.get_submodule(layer_name)(layer_input),
-                           model.get_submodule(layer_name)(layer_input)) <= 1e-5
+            layer = packed.get_submodule(layer_name)
+            want = model.get_submodule(layer_name)(layer_input)
+            if layer.folded_batchnorm:
+                want = model.get_submodule(layer.folded_batchnorm)(want)
+            assert rel_err(layer(layer_input), want) <= 1e-5
+    folded = {layer.folded_batchnorm for _, layer in P.packed_layers(packed)} - {None}
+    # resnet20: every BatchNorm after a converted conv (not the first conv's); seed_cnn pools first
+    assert len(folded) == (20 if name == "resnet20" else 0)  # 18 3×3 convs, 2 shortcut 1×1
+    assert all(isinstance(packed.get_submodule(bn), nn.Identity) for bn in folded)
     # End to end, the logits are the same, except that a layer's output (equal to rounding, ~1e-7)
     # can land within rounding of one of the next layer's thresholds and binarize the other way:
     # a random-weight resnet20 has one such activation in ~1 image of 6. Same predictions always.
@@ -295,6 +303,67 @@ def test_save_load_round_trip_exact(tmp_path, models):
     assert (tmp_path / "again.safetensors").read_bytes() == raw
 
 
+def rewrite_metadata(source, target, change) -> None:
+    """Copy a packed file with its metadata changed by ``change(meta)`` (the tensors, so their
+    checksums, unchanged)."""
+    from safetensors.torch import save_file
+
+    tensors, meta = P.read_packed(source)
+    change(meta)
+    save_file(tensors, str(target), metadata={"abc_packed": json.dumps(meta)})
+
+
+def test_folded_batchnorm_is_stored_and_loaded_exactly(tmp_path, models):
+    model, report = models["resnet20"]
+    packed = P.pack_model(model)
+    folded = {name: layer.folded_batchnorm for name, layer in P.packed_layers(packed)}
+    assert folded["layer1.0.conv1"] == "layer1.0.bn1" and folded["layer2.0.downsample.0"] == "layer2.0.downsample.1"
+    arch = {"name": "resnet20", "in_channels": 3, "image_size": 32, "num_classes": 10}
+    path = P.save_packed(packed, tmp_path / "r20.safetensors", architecture=arch)
+    loaded = P.load_packed(path)
+    assert {name: layer.folded_batchnorm for name, layer in P.packed_layers(loaded)} == folded
+    assert all(isinstance(loaded.get_submodule(bn), nn.Identity) for bn in folded.values())
+    assert isinstance(loaded.bn1, nn.BatchNorm2d)  # after the float first conv: stored whole
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for isa in P.available_isas():
+        with torch.no_grad(), P.use_isa(isa):
+            assert torch.equal(loaded(x), packed(x)), isa
+    # the folded BatchNorm named in the file must be a BatchNorm2d of the conv's width there
+    def misplace(meta):
+        column = meta["layer_fields"].index("batchnorm")
+        meta["layers"][0][column] = "layer1.0.conv2"
+    rewrite_metadata(path, tmp_path / "misplaced.safetensors", misplace)
+    with pytest.raises(P.PackedFormatError, match="not a BatchNorm2d"):
+        P.load_packed(tmp_path / "misplaced.safetensors")
+    # a run-time fusion (ReLU and residual in the kernel) is not something a file can hold
+    with pytest.raises(ValueError, match="fused at run time"):
+        P.save_packed(P.fuse_batchnorm_relu(packed, chain=False), tmp_path / "fused.safetensors",
+                      architecture=arch)
+
+
+def test_version_1_files_without_folded_batchnorm_still_load(tmp_path, models):
+    model, _ = models["resnet20"]
+    packed = P.pack_model(model, fold_batchnorm=False)
+    arch = {"name": "resnet20", "in_channels": 3, "image_size": 32, "num_classes": 10}
+    path = P.save_packed(packed, tmp_path / "v2.safetensors", architecture=arch)
+
+    def version_1(meta):  # what the first format wrote: no "batchnorm" field
+        column = meta["layer_fields"].index("batchnorm")
+        meta["version"] = 1
+        del meta["layer_fields"][column]
+        for row in meta["layers"]:
+            del row[column]
+    rewrite_metadata(path, tmp_path / "v1.safetensors", version_1)
+    loaded = P.load_packed(tmp_path / "v1.safetensors")
+    assert len([m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)]) == 21
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))
+    rewrite_metadata(path, tmp_path / "v3.safetensors", lambda meta: meta.update(version=3))
+    with pytest.raises(P.PackedFormatError, match="format version 3"):
+        P.load_packed(tmp_path / "v3.safetensors")
+
+
 def test_file_size_is_M_bits_per_weight_plus_floats(tmp_path, models):
     M = 2
     model, report = models["resnet20"]
@@ -302,12 +371,17 @@ def test_file_size_is_M_bits_per_weight_plus_floats(tmp_path, models):
     path = P.save_packed(model, tmp_path / "r20.safetensors", architecture=arch)
     raw, header_len, header = file_parts(path)
     layers = dict(model.named_modules())
+    folded = {name: layer.folded_batchnorm for name, layer in P.packed_layers(P.pack_model(model))}
+    assert all(isinstance(layers[bn], nn.BatchNorm2d) for bn in folded.values())  # each conv's BatchNorm
     bit_bytes = sum(math.ceil(M * layers[name].weight.numel() / 8) for name in report.converted)
+    # per packed layer: alphas, shifts, betas, bias, and its folded BatchNorm's scale and shift
     packed_floats = sum(layers[name].weight_binarizer.alphas.numel() + 2 * layers[name].N
                         + (0 if layers[name].bias is None else layers[name].bias.numel())
+                        + 2 * layers[name].out_channels * (folded[name] is not None)
                         for name in report.converted)
+    stored_elsewhere = tuple(f"{n}." for n in [*report.converted, *folded.values()] if n)
     rest_floats = sum(v.numel() for k, v in model.state_dict().items()
-                      if not k.startswith(tuple(f"{n}." for n in report.converted)) and v.is_floating_point())
+                      if not k.startswith(stored_elsewhere) and v.is_floating_point())
     assert len(raw) == 8 + header_len + bit_bytes + 4 * (packed_floats + rest_floats)
     sizes = P.packed_size_report(path)
     assert sizes["file_bytes"] == len(raw) and sizes["binary_weight_bytes"] == bit_bytes
@@ -317,6 +391,10 @@ def test_file_size_is_M_bits_per_weight_plus_floats(tmp_path, models):
     assert sizes["fp32_bytes"] == 4 * (sum(p.numel() for p in float_model.parameters())
                                        + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
     assert P.packed_size_report(model, architecture=arch)["file_bytes"] == len(raw)
+    # without the fold, each of those BatchNorms is stored whole: 4 floats a channel instead of 2
+    unfolded = P.packed_size_report(P.pack_model(model, fold_batchnorm=False), architecture=arch)
+    channels = sum(layers[bn].num_features for bn in folded.values() if bn)
+    assert unfolded["float_bytes"] - sizes["float_bytes"] == 4 * 2 * channels
 
 
 def test_corrupt_or_foreign_files_raise(tmp_path, models):

@@ -91,7 +91,8 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=5)
     for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
-    packed = P.pack_model(model.eval())
+    packed = P.pack_model(model.eval(), fold_batchnorm=False)  # the BatchNorms left for the fusion to fold
+    assert len([m for m in packed.modules() if isinstance(m, nn.BatchNorm2d)]) == 21
     fused = P.fuse_batchnorm_relu(packed, chain=False)
     assert isinstance(fused, fx.GraphModule)
     convs = [m for m in fused.modules() if isinstance(m, P.PackedABCConv2d)]
@@ -108,6 +109,51 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     # equal up to rounding; an activation within rounding of a threshold may binarize otherwise
     assert (per_image <= 1e-5).float().mean() >= 0.75
     assert torch.equal(out.argmax(1), ref.argmax(1))
+    # pack_model's own fold (the default) leaves Identity modules, which the fusion skips: the same
+    # fused structure, with the BatchNorms folded once
+    folded_first = P.fuse_batchnorm_relu(P.pack_model(model.eval()), chain=False)
+    convs_again = [m for m in folded_first.modules() if isinstance(m, P.PackedABCConv2d)]
+    assert [m.relu for m in convs_again] == [m.relu for m in convs]
+    assert all(m.folded_batchnorm for m in convs_again) and not any(m.folded_batchnorm for m in convs)
+    assert not any(isinstance(m, nn.Identity) for m in folded_first.modules())
+    assert sum(len(n.args) == 2 for n in folded_first.graph.nodes if n.op == "call_module") == 9
+    with torch.no_grad():
+        again = folded_first(x)
+    assert ((again - ref).abs().amax(1) / ref.abs().amax(1) <= 1e-5).float().mean() >= 0.75
+    assert torch.equal(again.argmax(1), ref.argmax(1))
+
+
+def test_pack_model_folds_the_batchnorms_and_the_fusion_then_changes_no_numbers():
+    """pack_model folds each BatchNorm after a packed conv (rounded to float32, as the file stores
+    it); what fuse_batchnorm_relu then does (residual additions and ReLUs in the kernel's store, the
+    chain) gives the packed model's numbers bit for bit, on every path."""
+    torch.manual_seed(1)
+    model = build_model("resnet20", 3, 32, 10)
+    convert(model, 1, 2)
+    calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=3)
+    for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
+    packed = P.pack_model(model.eval())
+    convs = [m for m in packed.modules() if isinstance(m, P.PackedABCConv2d)]
+    assert len(convs) == 20 and all(m.folded_batchnorm for m in convs)
+    assert all(torch.equal(m.post_scale, m.post_scale.float().double()) for m in convs)  # float32 values
+    assert [type(m) for m in packed.modules()].count(nn.BatchNorm2d) == 1  # after the float first conv
+    assert all(isinstance(packed.get_submodule(m.folded_batchnorm), nn.Identity) for m in convs)
+    assert "batchnorm layer1.0.bn1 folded" in repr(packed.layer1[0].conv1)
+    fused, chained = P.fuse_batchnorm_relu(packed, chain=False), P.fuse_batchnorm_relu(packed)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for isa in paths():
+        with torch.no_grad(), P.use_isa(isa):
+            ref = packed(x)
+            assert torch.equal(fused(x), ref) and torch.equal(chained(x), ref), isa
+    # each folded conv equals the float conv followed by its BatchNorm, up to rounding
+    unpacked = P.pack_model(model.eval(), fold_batchnorm=False)
+    layer_in = torch.relu(torch.randn(2, 16, 32, 32))
+    with torch.no_grad():
+        want = model.layer1[0].bn1(unpacked.layer1[0].conv1(layer_in))
+        assert rel_err(packed.layer1[0].conv1(layer_in), want) <= 1e-5
+    with pytest.raises(ValueError, match="already folded"):
+        convs[0].fold_batchnorm(random_batchnorm(convs[0].out_channels, 0), name="again")
 
 
 def fused_resnet20(seed: int = 0):

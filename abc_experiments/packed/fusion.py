@@ -1,17 +1,18 @@
-"""Fusing the float layers that follow a packed conv into it, for inference speed.
+"""Folding the float layers that follow a packed conv into it, for inference speed.
 
-In a converted ResNet, each packed conv is followed by a BatchNorm2d and often a ReLU: two more
-passes over the output in PyTorch, and at batch 1 two more module calls, which cost as much as the
-binary convolution itself. :func:`fuse_batchnorm_relu` folds such a BatchNorm into the conv's
-coefficients and border term and does the residual addition and the ReLU in the kernel's store.
+In a converted ResNet, each packed conv is followed by a BatchNorm2d and often a residual addition
+and a ReLU: more passes over the output in PyTorch, and at batch 1 more module calls, which cost as
+much as the binary convolution itself.
 
-The fused model equals the packed one up to float rounding, not bit for bit (PyTorch's BatchNorm
-rounds its own way), so an activation within rounding of a threshold can binarize the other way
-later on; ``abc-export`` and the packed file keep the unfused form, and this is a run-time step.
-
-It then runs each run of consecutive packed convs (a ResNet's whole body, once its BatchNorms, residual
-additions and ReLUs are fused) as ONE operator call, :class:`PackedConvChain`: the same kernels with the
-same arguments, bit for bit, without the module call, Python and dispatcher work around every layer.
+* :func:`fold_batchnorms` (done by ``pack_model``) folds each BatchNorm that directly follows a
+  packed conv into the conv's coefficients and border term, rounded to float32 so that the packed
+  file stores the folded affine (2 floats per channel instead of BatchNorm's 4) and the loaded model
+  is the same bit for bit. It equals the BatchNorm applied after up to float rounding, not bit for
+  bit, like the packed conv itself against the float one.
+* :func:`fuse_batchnorm_relu` (a run-time step) folds what is left, does the residual addition and
+  the ReLU in the kernel's store, and then runs each run of consecutive packed convs (a ResNet's
+  whole body) as ONE operator call, :class:`PackedConvChain`: the same kernels with the same
+  arguments, bit for bit, without the module call, Python and dispatcher work around every layer.
 """
 
 from __future__ import annotations
@@ -45,39 +46,84 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _batchnorm_after(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> fx.Node | None:
+    """The node of an eval-mode BatchNorm2d whose only input is ``node``'s output, a packed conv called
+    once, and that output's only user; else None."""
+    conv = modules.get(node.target) if node.op == "call_module" else None
+    if not isinstance(conv, PackedABCConv2d) or calls[node.target] != 1 or conv.relu:
+        return None  # a module called twice would change both calls
+    users = list(node.users)
+    bn = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+    if (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
+            and bn.num_features == conv.out_channels and calls[users[0].target] == 1
+            and users[0].args == (node,) and not users[0].kwargs):
+        return users[0]
+    return None
+
+
+def _trace(model: nn.Module, caller: str) -> fx.Graph | None:
+    try:
+        return _LeafTracer().trace(model)
+    except Exception as error:  # data-dependent control flow, unsupported Python, ...
+        log.info("%s: torch.fx cannot trace %s (%s); nothing folded", caller, type(model).__name__, error)
+        return None
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> dict[str, str]:
+    """In place: fold every eval-mode BatchNorm2d whose only input is a packed conv's output, and that
+    output's only user, into the conv (:meth:`PackedABCConv2d.fold_batchnorm` with its name: stored
+    with the layer, rounded to float32), and replace the BatchNorm by ``nn.Identity``. Returns
+    ``{conv name: BatchNorm name}``; a model that ``torch.fx`` cannot trace is left as it is (logged)."""
+    graph = _trace(model, "fold_batchnorms")
+    if graph is None:
+        return {}
+    modules, calls = dict(model.named_modules()), _module_calls(graph)
+    folded = {}
+    for node in graph.nodes:
+        bn_node = _batchnorm_after(node, modules, calls)
+        if bn_node is not None:
+            modules[node.target].fold_batchnorm(modules[bn_node.target], name=bn_node.target)
+            model.set_submodule(bn_node.target, nn.Identity())
+            folded[node.target] = bn_node.target
+    if folded:
+        log.info("fold_batchnorms: %d BatchNorm folded into packed convs", len(folded))
+    return folded
+
+
 def fuse_batchnorm_relu(model: nn.Module, *, chain: bool = True) -> nn.Module:
     """An inference copy of a packed model (:func:`~abc_experiments.packed.pack_model`) in which
     every eval-mode BatchNorm2d whose only input is a packed conv's output, and that output's only
-    user, is folded into the conv (:meth:`PackedABCConv2d.fold_batchnorm`); a residual addition that
-    then takes the conv's output (``bn2(conv2(h)) + shortcut`` in a ResNet block) is done in the
-    kernel's store, and so is a ReLU that then follows. With ``chain``, consecutive packed convs then
-    run as one operator call (:func:`chain_packed_convs`; forward hooks on those layers no longer
-    fire). Returns a ``torch.fx.GraphModule``; a model that ``torch.fx`` cannot trace comes back as
-    an unchanged copy (logged)."""
+    user, is folded into the conv (:meth:`PackedABCConv2d.fold_batchnorm`; ``pack_model`` has already
+    folded those of the models here); a residual addition that then takes the conv's output
+    (``bn2(conv2(h)) + shortcut`` in a ResNet block) is done in the kernel's store, and so is a ReLU
+    that then follows. With ``chain``, consecutive packed convs then run as one operator call
+    (:func:`chain_packed_convs`; forward hooks on those layers no longer fire). Returns a
+    ``torch.fx.GraphModule``; a model that ``torch.fx`` cannot trace comes back as an unchanged copy
+    (logged)."""
     model = copy.deepcopy(model).eval()
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as error:  # data-dependent control flow, unsupported Python, ...
-        log.info("fuse_batchnorm_relu: torch.fx cannot trace %s (%s); nothing fused",
-                 type(model).__name__, error)
+    graph = _trace(model, "fuse_batchnorm_relu")
+    if graph is None:
         return model
     gm = fx.GraphModule(model, graph, class_name=f"Fused{type(model).__name__}")
     modules, calls = dict(gm.named_modules()), _module_calls(gm.graph)
+    for node in list(gm.graph.nodes):  # the Identity left where pack_model folded a BatchNorm
+        if (node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1
+                and not node.kwargs):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     folded = added = fused = 0
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(conv, PackedABCConv2d) or calls[node.target] != 1:
             continue  # a module called twice would change both calls
-        users = list(node.users)
-        bn = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        if not (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
-                and calls[users[0].target] == 1 and users[0].args == (node,) and not users[0].kwargs):
-            continue
-        conv.fold_batchnorm(bn)
-        users[0].replace_all_uses_with(node)
-        gm.graph.erase_node(users[0])
-        folded += 1
+        bn_node = _batchnorm_after(node, modules, calls)
+        if bn_node is not None:
+            conv.fold_batchnorm(modules[bn_node.target])
+            bn_node.replace_all_uses_with(node)
+            gm.graph.erase_node(bn_node)
+            folded += 1
         users = list(node.users)
         residual = _residual_of(users[0], node, order) if len(users) == 1 else None
         if residual is not None and len(node.args) == 1 and not node.kwargs:  # conv(x) + r: conv(x, r)

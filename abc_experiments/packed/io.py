@@ -4,13 +4,16 @@ File layout (safetensors; nothing is unpickled on load):
 
 * tensor ``bits`` (uint8): every packed layer's weight bits, dense (M bits per binary weight, each
   layer's blob rounded up to whole bytes), concatenated in layer order;
-* tensor ``floats`` (float32): every packed layer's alphas, shifts, betas and bias, then every other
-  floating-point entry of the state dict (BatchNorm, the full-precision first and last layers);
+* tensor ``floats`` (float32): every packed layer's alphas, shifts, betas, bias and, where
+  ``pack_model`` folded the BatchNorm that follows it, that BatchNorm's scale and shift (2 floats per
+  channel instead of its 4); then every other floating-point entry of the state dict (BatchNorm not
+  folded, the full-precision first and last layers);
 * tensor ``ints`` (int64), only if the rest of the state dict has integer entries (other than
   BatchNorm's ``num_batches_tracked``, which inference does not use and is not stored);
 * header metadata ``abc_packed``: JSON with the format version, the architecture (what
   ``build_model`` needs), one row per packed layer (``layer_fields``: name, M, N, scope, bias,
-  binary weight count, bit offset and length; the geometry comes from the rebuilt architecture),
+  binary weight count, bit offset and length, the folded BatchNorm's name or ""; the geometry comes
+  from the rebuilt architecture),
   the SHA-256 of the other state entries' names and shapes (the rebuilt model must match it) and
   of each tensor's bytes (a corrupt file is refused).
 
@@ -33,10 +36,12 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..nn.layers import ABCLayer
+from .fusion import fold_batchnorms
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
 
 FORMAT = "abc-packed"
-VERSION = 1
+VERSION = 2  # 2: folded BatchNorm (layer field "batchnorm"); version 1 files (none folded) still load
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "abc_packed"
 ARCHITECTURE_KEYS = ("name", "in_channels", "image_size", "num_classes")
 
@@ -45,14 +50,14 @@ class PackedFormatError(ValueError):
     """The file is not a packed ABC model, or it is corrupt or inconsistent."""
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def pack_model(model: nn.Module) -> nn.Module:
+def pack_model(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.Module:
     """A deep copy of the eval-mode converted ``model`` with every ABC layer replaced by its packed
-    version (:class:`PackedABCConv2d` / :class:`PackedABCLinear`), in eval mode."""
+    version (:class:`PackedABCConv2d` / :class:`PackedABCLinear`), in eval mode.
+
+    With ``fold_batchnorm`` (the default), each BatchNorm2d that directly follows a packed conv (its
+    only input, and the conv output's only user) is folded into the conv and replaced by
+    ``nn.Identity`` (:func:`~abc_experiments.packed.fold_batchnorms`): one pass less at run time, and
+    2 floats per channel in the file instead of 4. Equal to the BatchNorm up to float rounding."""
     if model.training or any(m.training for m in model.modules()):
         raise RuntimeError("pack_model needs an eval-mode model: call model.eval() first (switching to eval "
                            "fits and freezes the ABC alphas; packing a training-mode model would freeze "
@@ -63,7 +68,9 @@ def pack_model(model: nn.Module) -> nn.Module:
                          "(abc_experiments.nn.convert)")
     packed = copy.deepcopy(model).cpu()
     for name in names:
-        _set_module(packed, name, pack_layer(packed.get_submodule(name)))
+        packed.set_submodule(name, pack_layer(packed.get_submodule(name)))
+    if fold_batchnorm:
+        fold_batchnorms(packed)
     return packed.eval()
 
 
@@ -82,7 +89,8 @@ def _digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-LAYER_FIELDS = ["name", "M", "N", "scope", "bias", "weights", "bit_offset", "bit_bytes"]
+LAYER_FIELDS = ["name", "M", "N", "scope", "bias", "weights", "bit_offset", "bit_bytes", "batchnorm"]
+LAYER_FLOATS = ("alphas", "shifts", "betas", "bias", "output_scale", "output_shift")  # in this order
 
 
 def _layout(rest: dict[str, Tensor]) -> list:
@@ -119,10 +127,10 @@ def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[
         stored = layer.stored_tensors()
         count = stored["weight_bits"].numel()
         rows.append([name, layer.M, layer.N, layer.scope, int(layer.bias is not None), layer.binary_weights(),
-                     bit_offset, count])
+                     bit_offset, count, layer.folded_batchnorm or ""])
         bits.append(stored["weight_bits"])
         bit_offset += count
-        floats += [stored[key].reshape(-1) for key in ("alphas", "shifts", "betas", "bias") if key in stored]
+        floats += [stored[key].reshape(-1) for key in LAYER_FLOATS if key in stored]
     rest = _rest_state(model, names)
     for value in rest.values():
         value = value.detach().cpu()
@@ -176,8 +184,9 @@ def read_packed(path) -> tuple[dict[str, Tensor], dict]:
         raise PackedFormatError(f"{path} is not a readable packed ABC model file: {error}") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PackedFormatError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if meta.get("version") != VERSION:
-        raise PackedFormatError(f"{path}: format version {meta.get('version')} (this code reads {VERSION})")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise PackedFormatError(f"{path}: format version {meta.get('version')} (this code reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))})")
     for key, digest in meta.get("sha256", {}).items():
         if key not in tensors or _digest(tensors[key]) != digest:
             raise PackedFormatError(f"{path}: tensor {key!r} is missing or corrupt (checksum mismatch)")
@@ -200,6 +209,10 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
     shapes = {"alphas": (M,) if scope == "per_layer" else (M, out), "shifts": (N,), "betas": (N,)}
     if entry["bias"]:
         shapes["bias"] = (out,)
+    if entry.get("batchnorm"):
+        if not isinstance(original, nn.Conv2d):
+            raise PackedFormatError(f"layer {entry['name']}: a folded BatchNorm on a linear layer")
+        shapes["output_scale"] = shapes["output_shift"] = (out,)
     parts = {}
     for key, shape in shapes.items():
         count = math.prod(shape)
@@ -212,9 +225,12 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
         raise PackedFormatError(f"layer {entry['name']}: bits out of range")
     parts["weight_bits"] = bits[start:start + count]
     if isinstance(original, nn.Conv2d):
+        affine = (parts.pop("output_scale"), parts.pop("output_shift")) if entry.get("batchnorm") else None
         layer = PackedABCConv2d(original.in_channels, out, original.kernel_size, original.stride, original.padding,
                                 original.dilation, original.groups, original.padding_mode, M=M, N=N, scope=scope,
                                 **parts)
+        if affine is not None:
+            layer.set_output_affine(*affine, batchnorm=entry["batchnorm"])
     else:
         layer = PackedABCLinear(original.in_features, out, M=M, N=N, scope=scope, **parts)
     return layer, offset
@@ -237,7 +253,13 @@ def load_packed(path) -> nn.Module:
         entries = [dict(zip(meta["layer_fields"], row)) for row in meta["layers"]]
         for entry in entries:
             layer, offset = _build_layer(entry, model.get_submodule(entry["name"]), bits, floats, offset)
-            _set_module(model, entry["name"], layer)
+            model.set_submodule(entry["name"], layer)
+            if entry.get("batchnorm"):
+                bn = model.get_submodule(entry["batchnorm"])
+                if type(bn) is not nn.BatchNorm2d or bn.num_features != layer.out_channels:
+                    raise PackedFormatError(f"layer {entry['name']}: the folded BatchNorm {entry['batchnorm']!r} is "
+                                            f"a {bn} in the architecture, not a BatchNorm2d({layer.out_channels})")
+                model.set_submodule(entry["batchnorm"], nn.Identity())
         rest = _rest_state(model, [entry["name"] for entry in entries])
         if _layout_digest(rest) != meta["rest_sha256"]:
             raise PackedFormatError("the file's non-ABC state (BatchNorm, float layers) does not match the "

@@ -95,6 +95,10 @@ class PackedABCLayer(nn.Module):
         # CPU tensors, plain attributes like the kernel's other float64 helpers (see _prepare_kernel)
         self.post_scale: Tensor | None = None
         self.post_shift: Tensor | None = None
+        # the module name of the BatchNorm folded in by pack_model (the packed file stores its affine);
+        # None when nothing is folded or the fold was a run-time one (fuse_batchnorm_relu)
+        self.folded_batchnorm: str | None = None
+        self.relu = False  # a following ReLU done in the kernel (fuse_batchnorm_relu; packed convs only)
         return bits, bases
 
     def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
@@ -142,9 +146,16 @@ class PackedABCLayer(nn.Module):
         return None if isa == "reference" else isa
 
     def stored_tensors(self) -> dict[str, Tensor]:
-        """The tensors a file keeps for this layer (persistent buffers)."""
+        """The tensors a file keeps for this layer: the persistent buffers, and the scale and shift of a
+        BatchNorm that pack_model folded in (float32, exactly as the layer uses them)."""
+        if self.relu or (self.post_scale is not None and not self.folded_batchnorm):
+            raise ValueError(f"{type(self).__name__} has a BatchNorm or ReLU fused at run time "
+                             "(fuse_batchnorm_relu), which a packed file cannot hold: save the pack_model result")
         names = ("weight_bits", "alphas", "shifts", "betas") + (("bias",) if self.bias is not None else ())
-        return {name: getattr(self, name) for name in names}
+        stored = {name: getattr(self, name) for name in names}
+        if self.folded_batchnorm:
+            stored["output_scale"], stored["output_shift"] = self.post_scale.float(), self.post_shift.float()
+        return stored
 
     def binary_weights(self) -> int:
         return math.prod(self.weight_shape)
@@ -172,7 +183,6 @@ class PackedABCConv2d(PackedABCLayer):
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
         self._calls: dict[tuple[int, int, str], tuple] = {}  # _operator_args, per input size and path
-        self.relu = False  # a following ReLU done in the kernel (fuse_batchnorm_relu)
         reasons = []
         if self.groups != 1:
             reasons.append(f"groups = {self.groups}")
@@ -239,11 +249,16 @@ class PackedABCConv2d(PackedABCLayer):
         return torch.relu(out) if self.relu else out
 
     @torch.no_grad()
-    def fold_batchnorm(self, bn: nn.BatchNorm2d) -> None:
+    def fold_batchnorm(self, bn: nn.BatchNorm2d, *, name: str | None = None) -> None:
         """Fold an eval-mode BatchNorm2d that takes this layer's output into the layer: its affine
         y·s + t (s = γ/√(σ² + ε), t = β − μ·s, per output channel) scales the kernel's coefficients
         and the border term, so the kernel writes the normalized output and no pass over it is left.
-        Equal to the BatchNorm applied after, up to float rounding (not bit for bit)."""
+        Equal to the BatchNorm applied after, up to float rounding (not bit for bit).
+
+        ``name`` (the BatchNorm's module name; what :func:`~abc_experiments.packed.pack_model` does)
+        makes the fold part of the layer's stored state: s and t are rounded to float32, so that the
+        packed file holds them exactly, and the name is recorded to rebuild the model. Without it the
+        fold is a run-time step (composed with an earlier fold) that a file cannot hold."""
         if bn.training or bn.running_mean is None or bn.num_features != self.out_channels:
             raise ValueError(f"cannot fold {bn} into a packed conv with {self.out_channels} output channels: "
                              "it needs an eval-mode BatchNorm2d with running statistics over those channels")
@@ -255,9 +270,27 @@ class PackedABCConv2d(PackedABCLayer):
         shift = -bn.running_mean.double() * scale
         if bn.bias is not None:
             shift = shift + bn.bias.double()
+        if name is not None:
+            if self.post_scale is not None:
+                raise ValueError(f"a BatchNorm ({self.folded_batchnorm or 'at run time'}) is already folded into "
+                                 f"this layer; a second stored fold ({name}) is not supported")
+            self.set_output_affine(scale.float(), shift.float(), batchnorm=name)
+            return
         if self.post_scale is not None:  # a second fold composes with the first
             scale, shift = self.post_scale * scale, self.post_shift * scale + shift
-        self.post_scale, self.post_shift = scale.cpu(), shift.cpu()
+        self.set_output_affine(scale, shift)
+
+    @torch.no_grad()
+    def set_output_affine(self, scale: Tensor, shift: Tensor, *, batchnorm: str | None = None) -> None:
+        """Make the layer output y·scale + shift per output channel (a folded BatchNorm; float64 kept
+        as given). ``batchnorm``: the folded module's name, for the packed file (see fold_batchnorm)."""
+        shape = (self.out_channels,)
+        if tuple(scale.shape) != shape or tuple(shift.shape) != shape:
+            raise ValueError(f"output scale and shift must have shape {shape}, got {tuple(scale.shape)} and "
+                             f"{tuple(shift.shape)}")
+        self.post_scale = scale.detach().double().cpu().contiguous()
+        self.post_shift = shift.detach().double().cpu().contiguous()
+        self.folded_batchnorm = batchnorm
         self._clear_caches()
         if self.native:
             self._coef = self._kernel_coef()
@@ -305,7 +338,8 @@ class PackedABCConv2d(PackedABCLayer):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, M={self.M}, N={self.N}, "
                 f"scope={self.scope}, bias={self.bias is not None}"
-                + (", batchnorm folded" if self.post_scale is not None else "") + (", relu" if self.relu else ""))
+                + ("" if self.post_scale is None else f", batchnorm {self.folded_batchnorm} folded"
+                   if self.folded_batchnorm else ", batchnorm folded") + (", relu" if self.relu else ""))
 
 
 class PackedABCLinear(PackedABCLayer):
