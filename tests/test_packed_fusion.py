@@ -1,6 +1,8 @@
-"""Fusing a packed conv's BatchNorm and ReLU into it (abc_experiments.packed.fuse_batchnorm_relu):
-the fused layer equals conv → BatchNorm → ReLU on every kernel path, a converted ResNet-20 loses its
-BatchNorm passes and keeps its predictions, and what torch.fx cannot trace comes back unchanged."""
+"""Folding BatchNorms into packed convs (pack_model's fold_batchnorms) and fusing residual additions
+and ReLUs into them (fuse_batchnorm_relu): the folded layer equals conv → BatchNorm → ReLU on every
+kernel path, a converted ResNet-20 loses its BatchNorm passes and keeps its predictions (the fusion of
+a pack_model result bit for bit), consecutive packed convs chain into one call, and what torch.fx
+cannot trace comes back unchanged."""
 
 from __future__ import annotations
 
@@ -263,3 +265,9 @@ def test_an_untraceable_model_comes_back_unchanged():
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(fused(x), model(x))
+
+
+def test_fold_batchnorms_leaves_an_untraceable_model_as_it_is():
+    model = DataDependent()
+    assert P.fold_batchnorms(model) == {} and isinstance(model.bn, nn.BatchNorm2d)
+    assert model.conv.post_scale is None and model.conv.folded_batchnorm is None
