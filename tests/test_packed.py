@@ -333,8 +333,14 @@ def test_folded_batchnorm_is_stored_and_loaded_exactly(tmp_path, models):
         column = meta["layer_fields"].index("batchnorm")
         meta["layers"][0][column] = "layer1.0.conv2"
     rewrite_metadata(path, tmp_path / "misplaced.safetensors", misplace)
-    with pytest.raises(P.PackedFormatError, match="not a BatchNorm2d"):
+    with pytest.raises(P.PackedFormatError, match="not a BatchNorm2d over the output channels"):
         P.load_packed(tmp_path / "misplaced.safetensors")
+    for value, message in ((5, "must be a module name"), ("layer1.0.nope", "is not a module of the architecture")):
+        def bad_name(meta, value=value):
+            meta["layers"][0][meta["layer_fields"].index("batchnorm")] = value
+        rewrite_metadata(path, tmp_path / "bad_name.safetensors", bad_name)
+        with pytest.raises(P.PackedFormatError, match=message):
+            P.load_packed(tmp_path / "bad_name.safetensors")
     # a run-time fusion (ReLU and residual in the kernel) is not something a file can hold
     with pytest.raises(ValueError, match="fused at run time"):
         P.save_packed(P.fuse_batchnorm_relu(packed, chain=False), tmp_path / "fused.safetensors",

@@ -271,3 +271,57 @@ def test_fold_batchnorms_leaves_an_untraceable_model_as_it_is():
     model = DataDependent()
     assert P.fold_batchnorms(model) == {} and isinstance(model.bn, nn.BatchNorm2d)
     assert model.conv.post_scale is None and model.conv.folded_batchnorm is None
+
+
+def abc_conv(channels: int = 4) -> ABCConv2d:
+    return ABCConv2d.from_conv(nn.Conv2d(channels, channels, 3, padding=1), 1, 1)
+
+
+class Tricky(nn.Module):
+    """What the fold and the fusion must leave alone, next to what they may change."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(abc_conv() for _ in range(7))
+        self.bns = nn.ModuleList(random_batchnorm(4, i) for i in range(3))
+        self.alias = self.bns[0]  # a second name: the model's forward uses it, the graph the first
+        self.through = nn.Identity()
+
+    def forward(self, x):
+        c = self.convs
+        a = self.alias(c[0](x))  # reachable by two names: not folded by pack_model
+        b = self.bns[1](c[1](a)) * self.bns[1].weight.view(1, -1, 1, 1)  # its weight read: not folded
+        d = self.bns[2](self.through(c[2](b)))  # through an Identity: folded
+        e = torch.relu(c[3](d)) + d  # ReLU fused, then no residual into the ReLU'd conv
+        n = e.size(1)
+        f = c[4](e) + n  # a number, not a tensor: the layer adds it as the graph did
+        s = f * 2
+        s.add_(c[5](f))  # modifies s: not moved into the conv
+        r = s * 1
+        y = c[6](s)
+        r.relu_()  # r modified between the conv and the addition: not moved either
+        return y + r
+
+
+def test_fold_and_fusion_leave_aliases_attribute_reads_numbers_and_in_place_operations_alone(tmp_path):
+    torch.manual_seed(0)
+    model = Tricky().eval()
+    packed = P.pack_model(model)
+    assert [m.folded_batchnorm for m in packed.convs[:3]] == [None, None, "bns.2"]
+    assert isinstance(packed.bns[2], nn.Identity) and isinstance(packed.bns[0], nn.BatchNorm2d)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    unfolded = P.pack_model(model, fold_batchnorm=False)
+    with torch.no_grad():
+        ref = packed(x)
+        assert rel_err(ref, unfolded(x)) <= 1e-5
+    fused = P.fuse_batchnorm_relu(packed, chain=False)
+    assert [fused.get_submodule(f"convs.{i}").relu for i in range(7)] == [False] * 3 + [True] + [False] * 3
+    assert [n.target for n in fused.graph.nodes if n.op == "call_module" and len(n.args) == 2] == ["convs.4"]
+    twice = P.fuse_batchnorm_relu(fused, chain=False)  # nothing more to fuse: same graph, same numbers
+    for isa in paths():
+        with torch.no_grad(), P.use_isa(isa):
+            for candidate in (fused, twice, P.fuse_batchnorm_relu(packed)):
+                assert torch.equal(candidate(x), packed(x)), isa
+    with pytest.raises(ValueError, match="chained packed convs"):
+        P.save_packed(P.fuse_batchnorm_relu(packed), tmp_path / "chained.safetensors",
+                      architecture={"name": "seed_cnn", "in_channels": 4, "image_size": 6, "num_classes": 4})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,9 @@ def _batchnorm_after(node: fx.Node, modules: dict[str, nn.Module], calls: dict[s
     """The node of an eval-mode BatchNorm2d whose only input is ``node``'s output, a packed conv called
     once, and that output's only user; else None."""
     conv = modules.get(node.target) if node.op == "call_module" else None
-    if not isinstance(conv, PackedABCConv2d) or calls[node.target] != 1 or conv.relu:
-        return None  # a module called twice would change both calls
+    if (not isinstance(conv, PackedABCConv2d) or calls[node.target] != 1 or conv.relu or len(node.args) != 1
+            or node.kwargs):
+        return None  # a module called twice would change both calls; BN(conv + r) is not BN(conv) + r
     users = list(node.users)
     bn = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
     if (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
@@ -69,20 +71,36 @@ def _trace(model: nn.Module, caller: str) -> fx.Graph | None:
         return None
 
 
+def _drop_identities(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Remove the calls of ``nn.Identity`` modules from ``graph`` (those pack_model leaves where it
+    folded a BatchNorm, and any other), so that conv → Identity → BatchNorm is seen as conv → BatchNorm."""
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1
+                and not node.kwargs):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 @torch.no_grad()
 def fold_batchnorms(model: nn.Module) -> dict[str, str]:
     """In place: fold every eval-mode BatchNorm2d whose only input is a packed conv's output, and that
     output's only user, into the conv (:meth:`PackedABCConv2d.fold_batchnorm` with its name: stored
     with the layer, rounded to float32), and replace the BatchNorm by ``nn.Identity``. Returns
     ``{conv name: BatchNorm name}``; a model that ``torch.fx`` cannot trace is left as it is (logged)."""
-    graph = _trace(model, "fold_batchnorms")
+    graph = _trace(copy.deepcopy(model), "fold_batchnorms")  # a copy: tracing runs forward's Python
     if graph is None:
         return {}
     modules, calls = dict(model.named_modules()), _module_calls(graph)
+    _drop_identities(graph, modules)
+    # the model's own forward keeps running (not the graph): a BatchNorm that it can reach by another
+    # name, or whose attributes it reads, must stay where it is
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     folded = {}
     for node in graph.nodes:
         bn_node = _batchnorm_after(node, modules, calls)
-        if bn_node is not None:
+        if (bn_node is not None and names[id(modules[bn_node.target])] == 1
+                and not any(r == bn_node.target or r.startswith(bn_node.target + ".") for r in read)):
             modules[node.target].fold_batchnorm(modules[bn_node.target], name=bn_node.target)
             model.set_submodule(bn_node.target, nn.Identity())
             folded[node.target] = bn_node.target
@@ -107,11 +125,7 @@ def fuse_batchnorm_relu(model: nn.Module, *, chain: bool = True) -> nn.Module:
         return model
     gm = fx.GraphModule(model, graph, class_name=f"Fused{type(model).__name__}")
     modules, calls = dict(gm.named_modules()), _module_calls(gm.graph)
-    for node in list(gm.graph.nodes):  # the Identity left where pack_model folded a BatchNorm
-        if (node.op == "call_module" and type(modules[node.target]) is nn.Identity and len(node.args) == 1
-                and not node.kwargs):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+    _drop_identities(gm.graph, modules)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     folded = added = fused = 0
     for node in list(gm.graph.nodes):
@@ -125,7 +139,7 @@ def fuse_batchnorm_relu(model: nn.Module, *, chain: bool = True) -> nn.Module:
             gm.graph.erase_node(bn_node)
             folded += 1
         users = list(node.users)
-        residual = _residual_of(users[0], node, order) if len(users) == 1 else None
+        residual = _residual_of(users[0], node, order, modules) if len(users) == 1 and not conv.relu else None
         if residual is not None and len(node.args) == 1 and not node.kwargs:  # conv(x) + r: conv(x, r)
             node.args = (node.args[0], residual)
             users[0].replace_all_uses_with(node)
@@ -163,8 +177,8 @@ class PackedConvChain(nn.Module):
 
     def forward(self, *inputs):
         isa = _ext.get_isa()
-        if isa != "reference" and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4
-                                      for t in inputs):
+        if isa != "reference" and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                                      and t.device.type == "cpu" and t.dim() == 4 for t in inputs):
             key = (isa, *(t.shape for t in inputs))
             program = self._programs[key] if key in self._programs else self._program(key, inputs, isa)
             if program is not None:
@@ -264,12 +278,38 @@ def _module_calls(graph: fx.Graph) -> dict[str, int]:
     return calls
 
 
-def _residual_of(user: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
-    """The other operand when ``user`` is ``node + other`` (or ``other + node``) of two tensors and
-    ``other`` is computed before ``node`` (so it can be passed to the conv); else None."""
-    plain_add = (user.op == "call_function" and user.target in (operator.add, operator.iadd, torch.add)) or \
-        (user.op == "call_method" and user.target in ("add", "add_"))
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may modify a tensor in place (relu_, add_, +=, a module with inplace=True)."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "").endswith("_") or node.target in _IN_PLACE_OPERATORS
+    return node.op == "call_module" and getattr(modules.get(node.target), "inplace", False) is True
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _residual_of(user: fx.Node, node: fx.Node, order: dict[fx.Node, int],
+                 modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The other operand when ``user`` is ``node + other`` (or ``other + node``) and ``other`` is
+    computed before ``node`` (so it can be passed to the conv), unless moving the addition to the
+    conv could change what it reads or writes: ``other += node`` (modifies ``other``), or an in-place
+    operation between the conv and the addition; else None."""
+    in_place = (user.op == "call_function" and user.target is operator.iadd) or \
+        (user.op == "call_method" and user.target == "add_")
+    plain_add = in_place or (user.op == "call_function" and user.target in (operator.add, torch.add)) or \
+        (user.op == "call_method" and user.target == "add")
     if not plain_add or user.kwargs or len(user.args) != 2 or user.args.count(node) != 1:
         return None
+    if in_place and user.args[0] is not node:
+        return None
     other = user.args[1] if user.args[0] is node else user.args[0]
-    return other if isinstance(other, fx.Node) and order[other] < order[node] else None
+    if not isinstance(other, fx.Node) or order[other] >= order[node]:
+        return None
+    between = node.next
+    while between is not user:
+        if _in_place(between, modules):
+            return None
+        between = between.next
+    return other

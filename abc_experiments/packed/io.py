@@ -117,6 +117,9 @@ def _check_architecture(architecture: dict) -> dict:
 
 def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[str, Tensor], dict]:
     """(tensors, metadata) of the packed file for ``model`` (packed or eval-mode converted)."""
+    if any(type(m).__name__ == "PackedConvChain" for m in model.modules()):
+        raise ValueError("cannot save a fuse_batchnorm_relu result with chained packed convs (its layers no longer "
+                         "have the architecture's names): save the pack_model result")
     if not packed_layers(model):
         model = pack_model(model)
     layers = packed_layers(model)
@@ -236,6 +239,26 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
     return layer, offset
 
 
+def _folded_batchnorm(entry: dict, model: nn.Module, original: nn.Module) -> str:
+    """The checked name of the BatchNorm folded into ``entry``'s layer ("" for none; version 1 files
+    have no such field): a BatchNorm2d over the conv's output channels in the rebuilt model."""
+    name = entry.get("batchnorm", "")
+    if not isinstance(name, str):
+        raise PackedFormatError(f"layer {entry['name']}: 'batchnorm' must be a module name or \"\", got {name!r}")
+    if not name:
+        return ""
+    try:
+        bn = model.get_submodule(name)
+    except AttributeError:
+        raise PackedFormatError(f"layer {entry['name']}: the folded BatchNorm {name!r} is not a module of the "
+                                "architecture") from None
+    width = original.weight.shape[0] if isinstance(original, nn.Conv2d) else None
+    if type(bn) is not nn.BatchNorm2d or bn.num_features != width:
+        raise PackedFormatError(f"layer {entry['name']}: the folded BatchNorm {name!r} is {type(bn).__name__} "
+                                f"in the architecture, not a BatchNorm2d over the output channels of a Conv2d there")
+    return name
+
+
 def load_packed(path) -> nn.Module:
     """Rebuild the model saved by :func:`save_packed`: the float architecture from ``build_model``,
     the converted layers replaced by packed layers from the file, the rest of the state dict
@@ -252,14 +275,12 @@ def load_packed(path) -> nn.Module:
         offset = 0
         entries = [dict(zip(meta["layer_fields"], row)) for row in meta["layers"]]
         for entry in entries:
-            layer, offset = _build_layer(entry, model.get_submodule(entry["name"]), bits, floats, offset)
+            original = model.get_submodule(entry["name"])
+            bn_name = _folded_batchnorm(entry, model, original)
+            layer, offset = _build_layer(entry, original, bits, floats, offset)
             model.set_submodule(entry["name"], layer)
-            if entry.get("batchnorm"):
-                bn = model.get_submodule(entry["batchnorm"])
-                if type(bn) is not nn.BatchNorm2d or bn.num_features != layer.out_channels:
-                    raise PackedFormatError(f"layer {entry['name']}: the folded BatchNorm {entry['batchnorm']!r} is "
-                                            f"a {bn} in the architecture, not a BatchNorm2d({layer.out_channels})")
-                model.set_submodule(entry["batchnorm"], nn.Identity())
+            if bn_name:
+                model.set_submodule(bn_name, nn.Identity())
         rest = _rest_state(model, [entry["name"] for entry in entries])
         if _layout_digest(rest) != meta["rest_sha256"]:
             raise PackedFormatError("the file's non-ABC state (BatchNorm, float layers) does not match the "

@@ -299,8 +299,9 @@ class PackedABCConv2d(PackedABCLayer):
         """``residual`` (the output's shape; given by :func:`fuse_batchnorm_relu` for a residual
         addition that follows the layer) is added before the fused ReLU."""
         isa = self._use_native(x) if x.dim() == 4 else None
-        if isa is None or (residual is not None and (residual.dtype != torch.float32 or residual.device != x.device)):
-            return self.reference_forward(x, residual)
+        if isa is None or (residual is not None and not (isinstance(residual, Tensor) and residual.dtype == torch.float32
+                                                         and residual.device == x.device)):
+            return self.reference_forward(x, residual)  # adds a non-tensor "residual" (a number) as the graph did
         op, args = self._operator_args(x.shape[2], x.shape[3], isa)
         if residual is None:
             return op(x.contiguous(), *args, self.relu, None)
