@@ -95,12 +95,12 @@ def fold_batchnorms(model: nn.Module) -> dict[str, str]:
     # the model's own forward keeps running (not the graph): a BatchNorm that it can reach by another
     # name, or whose attributes it reads, must stay where it is
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    read = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}  # their modules
     folded = {}
     for node in graph.nodes:
         bn_node = _batchnorm_after(node, modules, calls)
         if (bn_node is not None and names[id(modules[bn_node.target])] == 1
-                and not any(r == bn_node.target or r.startswith(bn_node.target + ".") for r in read)):
+                and bn_node.target not in read):
             modules[node.target].fold_batchnorm(modules[bn_node.target], name=bn_node.target)
             model.set_submodule(bn_node.target, nn.Identity())
             folded[node.target] = bn_node.target

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..models import build_model
 from ..nn.layers import ABCLayer
-from .fusion import fold_batchnorms
+from .fusion import PackedConvChain, fold_batchnorms
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
 
 FORMAT = "abc-packed"
@@ -117,7 +117,7 @@ def _check_architecture(architecture: dict) -> dict:
 
 def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[str, Tensor], dict]:
     """(tensors, metadata) of the packed file for ``model`` (packed or eval-mode converted)."""
-    if any(type(m).__name__ == "PackedConvChain" for m in model.modules()):
+    if any(isinstance(m, PackedConvChain) for m in model.modules()):
         raise ValueError("cannot save a fuse_batchnorm_relu result with chained packed convs (its layers no longer "
                          "have the architecture's names): save the pack_model result")
     if not packed_layers(model):
@@ -198,9 +198,10 @@ def read_packed(path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor, offset: int
+def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor, offset: int, batchnorm: str
                  ) -> tuple[PackedABCLayer, int]:
-    """The packed layer for ``entry``, with ``original``'s (the float architecture's) geometry."""
+    """The packed layer for ``entry``, with ``original``'s (the float architecture's) geometry and
+    the affine of the BatchNorm ``batchnorm`` folded in (checked by :func:`_folded_batchnorm`; "" for none)."""
     M, N, scope = entry["M"], entry["N"], entry["scope"]
     if type(original) not in (nn.Conv2d, nn.Linear):
         raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
@@ -212,9 +213,7 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
     shapes = {"alphas": (M,) if scope == "per_layer" else (M, out), "shifts": (N,), "betas": (N,)}
     if entry["bias"]:
         shapes["bias"] = (out,)
-    if entry.get("batchnorm"):
-        if not isinstance(original, nn.Conv2d):
-            raise PackedFormatError(f"layer {entry['name']}: a folded BatchNorm on a linear layer")
+    if batchnorm:
         shapes["output_scale"] = shapes["output_shift"] = (out,)
     parts = {}
     for key, shape in shapes.items():
@@ -228,12 +227,12 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
         raise PackedFormatError(f"layer {entry['name']}: bits out of range")
     parts["weight_bits"] = bits[start:start + count]
     if isinstance(original, nn.Conv2d):
-        affine = (parts.pop("output_scale"), parts.pop("output_shift")) if entry.get("batchnorm") else None
+        affine = (parts.pop("output_scale"), parts.pop("output_shift")) if batchnorm else None
         layer = PackedABCConv2d(original.in_channels, out, original.kernel_size, original.stride, original.padding,
                                 original.dilation, original.groups, original.padding_mode, M=M, N=N, scope=scope,
                                 **parts)
         if affine is not None:
-            layer.set_output_affine(*affine, batchnorm=entry["batchnorm"])
+            layer.set_output_affine(*affine, batchnorm=batchnorm)
     else:
         layer = PackedABCLinear(original.in_features, out, M=M, N=N, scope=scope, **parts)
     return layer, offset
@@ -277,7 +276,7 @@ def load_packed(path) -> nn.Module:
         for entry in entries:
             original = model.get_submodule(entry["name"])
             bn_name = _folded_batchnorm(entry, model, original)
-            layer, offset = _build_layer(entry, original, bits, floats, offset)
+            layer, offset = _build_layer(entry, original, bits, floats, offset, bn_name)
             model.set_submodule(entry["name"], layer)
             if bn_name:
                 model.set_submodule(bn_name, nn.Identity())
