@@ -1,7 +1,7 @@
 """Loading the one-pass C++ CPU kernels of the activation staircase (``csrc/staircase.cpp``,
 operators ``torch.ops.abc_nn.staircase_forward`` / ``staircase_backward``), JIT-built with
-``torch.utils.cpp_extension.load`` and ninja at first use (a few seconds; cached under
-``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions, like ``abc_experiments.packed``).
+``torch.utils.cpp_extension.load`` and ninja at first use (about 30 s on 2 cores, once per
+checkout: :func:`abc_experiments.cpp_build.build_root`, like ``abc_experiments.packed``).
 
 If the build or the load fails, ONE warning names the cause and the fix, and :func:`native_available`
 is False: the ``"auto"`` kernel then uses ``"bucket"`` (same values).
@@ -40,9 +40,8 @@ def extension_name() -> str:
 
 
 def _load() -> None:
-    name = extension_name()
-    log.info("building/loading the native ABC activation kernels %s (the first build takes ~30 s)", name)
-    load_extension(name, [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)])
+    load_extension(extension_name(), [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)],
+                   what="native ABC activation kernels", usual_seconds=30)
 
 
 def _register_fakes() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cpp_build
 from ..cpp_build import load_extension, load_once, source_digest
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,13 @@ def extension_name() -> str:
 
 
 def build_directory() -> Path:
-    """Where the extension is built (under ``TORCH_EXTENSIONS_DIR``, default ~/.cache/torch_extensions)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return Path(_get_build_directory(extension_name(), verbose=False))
+    """Where the extension is built: this checkout's own folder (:func:`abc_experiments.cpp_build.build_root`)."""
+    return cpp_build.build_directory(extension_name())
 
 
 def _load() -> None:
-    name = extension_name()
-    log.info("building/loading the packed ABC kernels %s (the first build takes a minute or two)", name)
-    load_extension(name, [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)])
+    load_extension(extension_name(), [str(CSRC / source) for source in SOURCES], CFLAGS, [str(CSRC)],
+                   what="packed ABC kernels", usual_seconds=90)
 
 
 def extension_available() -> bool:
