@@ -122,6 +122,19 @@ class StageConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the FP model while fine-tuning (abc_experiments.distillation)."""
+
+    weight: float = 0.0  # w in CE + w·T²·KL(teacher_T || student_T); 0 turns it off
+    temperature: float = 4.0  # T, the softmax temperature of both models' outputs
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
 class PretrainConfig(StageConfig):
     checkpoint: Optional[str] = None  # load FP weights from this file instead of training
     reuse: bool = True  # reuse a cached pretrained model with the same settings
@@ -133,7 +146,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     abc: ABCConfig = field(default_factory=ABCConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: StageConfig = field(default_factory=StageConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     device: Device = Device.auto
@@ -195,6 +208,8 @@ def validate(cfg: DictConfig) -> None:
         if s.schedule == "step":
             _check_min(f"{stage}.step_size", s.step_size, 1)
             _check_positive(f"{stage}.gamma", s.gamma)
+    _check_min("finetune.distill.weight", cfg.finetune.distill.weight, 0)
+    _check_positive("finetune.distill.temperature", cfg.finetune.distill.temperature)
 
 
 def to_container(cfg: DictConfig) -> dict:

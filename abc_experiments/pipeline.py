@@ -11,9 +11,9 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,114 +28,63 @@ from .data import build_datasets, build_loaders
 from .models import build_model
 from .nn import ConversionReport, NothingToConvertError, abc_layers, calibrate, convert, plan_conversion
 from .nn import summary as model_summary
+from .devices import DeviceUnavailableError, resolve_device
+from .distillation import DistillationCriterion
+from .progress import Progress
 from .results import (FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
                       StageResult)
-from .settings import flat_settings, setting_differences
+from .resume import read_earlier_summary, refuse_resume_message, resume_conflicts, resume_requested
+from .settings import flat_settings
 from .tb import Boards
-from .training import (Metrics, StageTrainer, StopRequest, TrainingInterrupted, evaluate, log_epoch,
-                       progress_bar)
+from .training import (FitResult, Metrics, StageEnvironment, StopRequest, TrainingInterrupted, autocast, evaluate,
+                       log_epoch, seed_stage, train_stage)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
 PRETRAIN_GROUPS = ("dataset", "model", "pretrain", "seed", "precision", "channels_last")  # what the FP model depends on
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available: use device=cpu or device=auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps but MPS is not available: use device=cpu or device=auto")
-    return torch.device(name)
+@dataclass
+class PretrainResult:
+    """Where the FP model came from, and what training it (if it was trained here) recorded.
 
+    Attributes:
+        source: ``"trained"``, ``"cache <path>"``, ``"checkpoint <path>"`` or ``"pretrained weights ..."``.
+        history: the per-epoch records of its training (also when taken from the cache).
+        cache_path: the cache entry it was read from or stored to (None when no cache applies).
+        fit: the training's :class:`FitResult` when it was trained in this run.
+    """
 
-def _seed(seed: int, stage: str) -> None:
-    """Every stage starts from its own seed, so its numbers do not depend on what ran before it
-    (e.g. whether the FP model was trained in this job or taken from the cache)."""
-    torch.manual_seed(seed * 1000 + {"init": 0, "pretrain": 1, "convert": 2, "finetune": 3}[stage])
-
-
-def read_earlier_summary(run_dir: Path) -> RunSummary | None:
-    """The summary a run dir already holds; None if there is none or it was cut short."""
-    try:
-        return RunSummary.read(Path(run_dir) / SUMMARY_FILE)
-    except (OSError, ValueError):
-        return None
-
-
-def resume_conflicts(earlier: RunSummary | None, settings: dict) -> list[str]:
-    """``key: saved -> current`` for every setting in which ``settings`` (flat, as
-    :func:`abc_experiments.settings.flat_settings` gives) differ from the ``earlier`` run's;
-    empty without an earlier summary to compare with."""
-    if earlier is None or not earlier.config:
-        return []
-    return setting_differences(flat_settings(earlier.config), settings)
-
-
-def refuse_resume_message(run_dir: Path, changed: list[str]) -> str:
-    return (f"resume=true, but {run_dir} was run with other settings ({'; '.join(changed)}): resume with "
-            "the same overrides as the interrupted run, or start a new run dir. Nothing was changed.")
+    source: str
+    history: list[dict] = dataclasses.field(default_factory=list)
+    cache_path: str | None = None
+    fit: FitResult | None = None
 
 
 class Experiment:
-    """One run of the pipeline; :meth:`run` returns the :class:`RunSummary`."""
+    """One run of the pipeline: :meth:`run` returns the :class:`RunSummary`.
+
+    Each stage is a method that takes what it needs and returns its result; :meth:`run` alone
+    writes them into the summary (and ``summary.json`` after each stage, so a failure keeps every
+    result obtained so far).
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).absolute()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ctx = distributed.context(cfg.device)
-        self.resume = cfg.resume or requeued()
-        self.stop = StopRequest()
+        self.resume = resume_requested(cfg.resume)
         self.summary = RunSummary(
             dataset=str(cfg.dataset.name), model=str(cfg.model.name), seed=cfg.seed,
             abc=ABCSetting(M=cfg.abc.M, N=cfg.abc.N or 0, scope=str(cfg.abc.scope)), run_dir=str(self.run_dir),
             experiment=cfg.experiment, world_size=self.ctx.world_size, precision=str(cfg.precision),
             config=to_container(cfg),
         )
-        self.boards = None
+        self.boards: Boards | None = None
         self.writing = False  # set once the run dir is written to (a refused start leaves it alone)
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _loaders(self, splits, stage_cfg) -> dict:
-        return build_loaders(splits, batch_size=stage_cfg.batch_size, eval_batch_size=stage_cfg.eval_batch_size,
-                             num_workers=self.cfg.data.num_workers, device=str(self.device), seed=self.cfg.seed,
-                             sampler_rank=self.ctx.rank, sampler_world_size=self.ctx.world_size)
-
-    def _build_model(self, splits) -> nn.Module:
-        try:
-            model = build_model(str(self.cfg.model.name), splits.in_channels, splits.image_size, splits.num_classes,
-                                **self.cfg.model.options)
-        except ValueError as error:
-            raise ConfigError(f"model: {error}") from None
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
-
-    def _evaluate(self, model: nn.Module, loaders: dict, val: Metrics | None = None) -> StageResult:
-        """Test and validation metrics; ``val`` when they are already known (no second pass)."""
-        options = dict(precision=str(self.cfg.precision), channels_last=self.cfg.channels_last)
-        val = val or evaluate(model, loaders["val"], self.device, **options)
-        test = evaluate(model, loaders["test"], self.device, **options)
-        return StageResult(acc=test.acc, loss=test.loss, val_acc=val.acc, val_loss=val.loss, test_size=test.count,
-                           val_size=val.count or len(loaders["val"].dataset))
-
-    def _trainer(self, stage: str, model: nn.Module, loaders: dict, stage_cfg, board, on_epoch_end=None):
-        trainer = StageTrainer(stage, model, loaders, stage_cfg, device=self.device, checkpoint_dir=self.ckpt_dir,
-                               writer=board, stop=self.stop, ctx=self.ctx, progress=self.cfg.progress,
-                               on_epoch_end=on_epoch_end, fingerprint=self.fingerprint(),
-                               precision=str(self.cfg.precision), channels_last=self.cfg.channels_last)
-        resumed = trainer.resume() if self.resume else None
-        if resumed:
-            self.summary.resumed_from.append(resumed)
-        else:
-            _seed(self.cfg.seed, stage)
-        return trainer
-
     def fingerprint(self) -> dict:
         """The settings that determine the results: what a resume must match."""
         return flat_settings(self.summary.config)
@@ -144,24 +93,43 @@ class Experiment:
         if self.ctx.is_main:
             self.summary.write(self.run_dir / SUMMARY_FILE)
 
-    def check_resume(self) -> None:
+    def loaders(self, splits, stage_cfg, device: torch.device) -> dict:
+        return build_loaders(splits, batch_size=stage_cfg.batch_size, eval_batch_size=stage_cfg.eval_batch_size,
+                             num_workers=self.cfg.data.num_workers, device=str(device), seed=self.cfg.seed,
+                             sampler_rank=self.ctx.rank, sampler_world_size=self.ctx.world_size)
+
+    def build_model(self, splits, device: torch.device) -> nn.Module:
+        try:
+            model = build_model(str(self.cfg.model.name), splits.in_channels, splits.image_size, splits.num_classes,
+                                **self.cfg.model.options)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
+        model = model.to(device)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
+
+    def evaluate(self, model: nn.Module, loaders: dict, device: torch.device, val: Metrics | None = None,
+                 what: str = "model") -> StageResult:
+        """Test and validation metrics; ``val`` when they are already known (no second pass)."""
+        options = dict(precision=str(self.cfg.precision), channels_last=self.cfg.channels_last)
+        val = val or evaluate(model, loaders["val"], device, description=f"{what}: validation", **options)
+        test = evaluate(model, loaders["test"], device, description=f"{what}: test", **options)
+        return StageResult(acc=test.acc, loss=test.loss, val_acc=val.acc, val_loss=val.loss, test_size=test.count,
+                           val_size=val.count or len(loaders["val"].dataset))
+
+    def earlier_results(self) -> RunSummary | None:
         """Before anything is written: a resume must have the settings of the run it continues
-        (its summary.json), and keeps that run's finished stage results."""
+        (its summary.json, returned so the run keeps that run's finished stage results); None
+        when not resuming or there is nothing to continue."""
         if not self.resume:
-            return
+            return None
         earlier = read_earlier_summary(self.run_dir)
         changed = resume_conflicts(earlier, self.fingerprint())
         if changed:
             raise ResumeRefusedError(refuse_resume_message(self.run_dir, changed))
-        if earlier is None:  # none, or cut short: the stages will fill it in again
-            return
-        if earlier.effective_status() == INTERRUPTED and earlier.status == RUNNING:
+        if earlier is not None and earlier.effective_status() == INTERRUPTED and earlier.status == RUNNING:
             log.warning("%s was interrupted without saving its status (killed?): resuming from its checkpoints",
                         self.run_dir)
-        self.summary.fp_source = earlier.fp_source
-        for stage in STAGES:
-            if earlier.stage(stage) is not None:
-                self.summary.set_stage(stage, earlier.stage(stage))
+        return earlier
 
     def plan(self, model: nn.Module) -> None:
         """Refuse a conversion that cannot work before anything trains, with the config keys to change."""
@@ -180,15 +148,15 @@ class Experiment:
                               f"({kept}). Set {' or '.join(fixes) or 'another model'}.") from None
 
     # ---- stages --------------------------------------------------------------------------------
-    def pretrain(self, splits, model: nn.Module) -> str:
-        """Train, load or take from the cache the FP model; returns where it came from."""
+    def pretrain(self, splits, model: nn.Module, env: StageEnvironment, board) -> PretrainResult:
+        """Train, load or take from the cache the FP model (in place); returns where it came from."""
         cfg = self.cfg.pretrain
         if cfg.checkpoint:
             path = Path(cfg.checkpoint).expanduser().absolute()
             load_model_state(model, load_checkpoint(path, "pretrain.checkpoint"), path, "pretrain.checkpoint")
-            return f"checkpoint {path}"
+            return PretrainResult(f"checkpoint {path}")
         if cfg.epochs == 0:
-            return "pretrained weights (pretrain.epochs=0)"
+            return PretrainResult("pretrained weights (pretrain.epochs=0)")
         # Everything that determines the pretrained weights: the settings of these groups (run-only
         # keys such as pretrain.reuse excluded), the split sizes, and the number of processes.
         settings = {key: value for key, value in self.fingerprint().items()
@@ -197,48 +165,39 @@ class Experiment:
                         split_sizes=[len(splits.train), len(splits.val), len(splits.test), splits.num_classes])
         cache = PretrainCache(Path(self.cfg.cache_dir).absolute(), f"{self.cfg.model.name}-{self.cfg.dataset.name}",
                               settings)
-        self.summary.pretrain_cache = str(cache.path)
 
-        def from_cache() -> str | None:
+        def from_cache() -> PretrainResult | None:
             try:
                 state = cache.load()
                 load_model_state(model, state, cache.path, "cached pretrained model")
             except CheckpointError as error:
                 log.warning("%s; retraining the FP model and replacing the cache entry", error)
                 return None
-            for record in state.get("history", []):
-                log_epoch(self.boards.fp, record, record["epoch"])
-            self.summary.fp_history = state.get("history", [])
-            return f"cache {cache.path}"
+            history = state.get("history", [])
+            for record in history:
+                log_epoch(board, record, record["epoch"])
+            return PretrainResult(f"cache {cache.path}", history, str(cache.path))
 
         if self.ctx.agree(cfg.reuse and cache.exists()):
-            source = from_cache()
-            if source:
-                return source
+            cached = from_cache()
+            if cached:
+                return cached
         with self.ctx.lock_on_main(cache.lock):  # one job trains it; concurrent jobs wait, then reuse it
             if self.ctx.agree(cfg.reuse and cache.exists()):
-                source = from_cache()
-                if source:
-                    return source
-            trainer = self._trainer("pretrain", model, self._loaders(splits, cfg), cfg, self.boards.fp)
-            history = trainer.fit()  # raises TrainingDiverged before a diverged model reaches the cache
-            self._load_best(model, trainer)
+                cached = from_cache()
+                if cached:
+                    return cached
+            fit = train_stage("pretrain", model, self.loaders(splits, cfg, env.device), cfg, env, board,
+                              seed=self.cfg.seed, resume=self.resume)
             if self.ctx.is_main:
-                cache.store(model, history)
-            self.summary.fp_history = history
-            self.summary.images_per_s["pretrain"] = _mean_throughput(history)
-            return "trained"
-
-    def _load_best(self, model: nn.Module, trainer: StageTrainer) -> None:
-        """Continue with the epoch of best validation accuracy (model selection on val)."""
-        self.ctx.barrier()
-        if trainer.best_path.is_file():
-            state = load_checkpoint(trainer.best_path, f"{trainer.stage} best checkpoint")
-            load_model_state(model, state, trainer.best_path, f"{trainer.stage} best checkpoint")
+                cache.store(model, fit.history)
+            return PretrainResult("trained", fit.history, str(cache.path), fit)
 
     def convert_and_calibrate(self, model: nn.Module, loaders: dict) -> dict:
+        """Convert ``model`` to ABC in place and calibrate it; returns the conversion report and the
+        per-layer activation errors (the summary's ``conversion``)."""
         cfg = self.cfg.abc
-        _seed(self.cfg.seed, "convert")
+        seed_stage(self.cfg.seed, "convert")
         log.info("converting to ABC(M=%d, N=%s)%s...", cfg.M, cfg.N,
                  f" and calibrating on {cfg.calibration.batches} batches" if cfg.calibration.batches else "")
         report = convert_from_config(model, cfg)
@@ -247,60 +206,113 @@ class Experiment:
         if cfg.calibration.batches > 0:
             batches = [batch for _, batch in zip(range(cfg.calibration.batches), loaders["calib"])]
             calibrated = sum(1 for _, layer in abc_layers(model) if layer.N > 0)
-            bar = progress_bar(calibrated, 0, "calibrating", enabled=self.cfg.progress and self.ctx.is_main)
+            progress = Progress(calibrated, "calibrating", bar=self.cfg.progress and self.ctx.is_main, unit="layers")
+
+            def layer_done(name: str) -> None:
+                progress.update(1, layer=name)
+                if self.ctx.is_main:
+                    log.info("calibrated %s (%d/%d layers, %.1f s)", name, progress.done, calibrated,
+                             time.perf_counter() - progress.started)
+
             errors = calibrate(model, batches, max_samples=cfg.calibration.max_samples,
-                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed,
-                               progress=lambda name: (bar.set_postfix(layer=name), bar.update(1)))
-            bar.close()
+                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed, progress=layer_done)
+            progress.close()
         return {"report": report.to_dict(), "activation_errors": errors}
+
+    def finetune(self, model: nn.Module, loaders: dict, env: StageEnvironment, converted: StageResult,
+                 teacher: nn.Module | None = None) -> tuple[StageResult, FitResult | None]:
+        """Fine-tune the converted ``model`` (in place, left at its best validation epoch); returns
+        its test/validation result and the training's :class:`FitResult` (None with 0 epochs).
+        ``teacher``, the FP model, is distilled from when ``finetune.distill.weight`` > 0."""
+        cfg = self.cfg.finetune
+        if cfg.epochs == 0:
+            return dataclasses.replace(converted, best_epoch=0), None
+        fit = train_stage("finetune", model, loaders, cfg, env, self.boards.abc, seed=self.cfg.seed,
+                          resume=self.resume, criterion=self.criterion(teacher, env),
+                          on_epoch_end=lambda epoch: self.boards.log_abc_parameters(model, epoch))
+        last, best = fit.history[-1], fit.best
+        result = self.evaluate(model, loaders, env.device, val=Metrics(loss=best["val_loss"], acc=best["val_acc"]),
+                               what="fine-tuned model")
+        return dataclasses.replace(result, best_epoch=best["epoch"], last_val_acc=last["val_acc"],
+                                   last_val_loss=last["val_loss"], history=fit.history), fit
+
+    def criterion(self, teacher: nn.Module | None, env: StageEnvironment):
+        """The fine-tuning loss: cross-entropy, plus distillation from ``teacher`` when asked."""
+        distill = self.cfg.finetune.distill
+        if teacher is None or distill.weight == 0:
+            return None
+        return DistillationCriterion(teacher, distill.weight, distill.temperature,
+                                     autocast=lambda: autocast(env.device, env.precision))
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self) -> RunSummary:
         cfg, summary = self.cfg, self.summary
         started = time.perf_counter()
         validate(cfg)
-        self.check_resume()
-        self.device = self.ctx.device or resolve_device(str(cfg.device))
-        summary.device = str(self.device)
+        earlier = self.earlier_results()
+        try:
+            device = self.ctx.device or resolve_device(str(cfg.device))
+        except DeviceUnavailableError as error:
+            raise ConfigError(str(error)) from None
         try:
             splits = build_datasets(str(cfg.dataset.name), root=str(Path(cfg.data.root).expanduser().absolute()),
                                     download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
         except ValueError as error:
             raise ConfigError(f"data: {error}") from None
-        _seed(cfg.seed, "init")
-        fp_model = self._build_model(splits)
+        seed_stage(cfg.seed, "init")
+        fp_model = self.build_model(splits, device)
         self.plan(fp_model)
-        summary.input_shape = [splits.in_channels, splits.image_size, splits.image_size]
-        summary.num_classes = splits.num_classes
         # Every setting checked: from here on the run dir is written to.
         self.writing = True
+        summary.device = str(device)
+        summary.input_shape = [splits.in_channels, splits.image_size, splits.image_size]
+        summary.num_classes = splits.num_classes
+        if earlier is not None:  # a resume keeps the finished stages' results
+            summary.fp_source = earlier.fp_source
+            for stage in STAGES:
+                if earlier.stage(stage) is not None:
+                    summary.set_stage(stage, earlier.stage(stage))
         summary.mark_running()
         self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
         if self.resume and not self.ckpt_dir.is_dir():
             log.warning("resume=true, but %s holds no checkpoints: starting from the beginning", self.run_dir)
-        log.info("run dir: %s (device %s%s)", self.run_dir, self.device, ", resuming" if self.resume else "")
-        loaders = self._loaders(splits, cfg.finetune)
-        with self.stop:
+        log.info("run dir: %s (device %s%s)", self.run_dir, device, ", resuming" if self.resume else "")
+        env = StageEnvironment(device=device, checkpoint_dir=self.ckpt_dir, stop=StopRequest(), ctx=self.ctx,
+                               fingerprint=self.fingerprint(), precision=str(cfg.precision),
+                               channels_last=cfg.channels_last, progress=cfg.progress)
+        loaders = self.loaders(splits, cfg.finetune, device)
+        with env.stop:
             with summary.timed("pretrain"):
-                summary.fp_source = self.pretrain(splits, fp_model)
-                summary.set_stage("fp", self._evaluate(fp_model, loaders))
+                pretrained = self.pretrain(splits, fp_model, env, self.boards.fp)
+                summary.fp_source, summary.fp_history = pretrained.source, pretrained.history
+                summary.pretrain_cache = pretrained.cache_path
+                if pretrained.fit is not None:
+                    summary.images_per_s["pretrain"] = pretrained.fit.images_per_s
+                    if pretrained.fit.resumed_from:
+                        summary.resumed_from.append(pretrained.fit.resumed_from)
+                summary.set_stage("fp", self.evaluate(fp_model, loaders, device, what="FP model"))
             log.info("FP model (%s): test acc %.2f%%", summary.fp_source, summary.fp.acc)
             self.write_summary()
 
             with summary.timed("convert"):
                 abc_model = copy.deepcopy(fp_model)
                 summary.conversion = self.convert_and_calibrate(abc_model, loaders)
-                summary.set_stage("converted", self._evaluate(abc_model, loaders))
+                summary.set_stage("converted", self.evaluate(abc_model, loaders, device, what="converted model"))
             log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, summary.converted.acc)
             self.boards.log_converted(summary.converted, abc_model)
             self.write_summary()
 
             with summary.timed("finetune"):
-                summary.set_stage("finetuned", self.finetune(abc_model, loaders))
+                finetuned, fit = self.finetune(abc_model, loaders, env, summary.converted, teacher=fp_model)
+                summary.set_stage("finetuned", finetuned)
+                if fit is not None:
+                    summary.images_per_s["finetune"] = fit.images_per_s
+                    if fit.resumed_from:
+                        summary.resumed_from.append(fit.resumed_from)
 
         if self.ctx.is_main:  # the model finetuned.acc was measured on, for load_run and abc-export
             atomic_save({"stage": "finetuned", "model": abc_model.state_dict()}, self.ckpt_dir / FINAL_CHECKPOINT)
-        example = next(iter(loaders["val"]))[0][:1].to(self.device)
+        example = next(iter(loaders["val"]))[0][:1].to(device)
         layer_summary = model_summary(abc_model, example)
         summary.set_model_summary(layer_summary.to_dict())
         summary.wall_time_s["total"] = round(time.perf_counter() - started, 3)
@@ -310,21 +322,6 @@ class Experiment:
         log.info("\n%s\n%s", layer_summary, results_table(summary))
         return summary
 
-    def finetune(self, model: nn.Module, loaders: dict) -> StageResult:
-        cfg = self.cfg.finetune
-        if cfg.epochs == 0:
-            return dataclasses.replace(self.summary.converted, best_epoch=0)
-        trainer = self._trainer("finetune", model, loaders, cfg, self.boards.abc,
-                                on_epoch_end=lambda t: self.boards.log_abc_parameters(model, t.epoch))
-        trainer.fit()
-        self._load_best(model, trainer)
-        last = trainer.history[-1]
-        best = max(trainer.history, key=lambda record: record["val_acc"])
-        result = self._evaluate(model, loaders, val=Metrics(loss=best["val_loss"], acc=best["val_acc"]))
-        self.summary.images_per_s["finetune"] = _mean_throughput(trainer.history)
-        return dataclasses.replace(result, best_epoch=best["epoch"], last_val_acc=last["val_acc"],
-                                   last_val_loss=last["val_loss"], history=trainer.history)
-
 
 def convert_from_config(model: nn.Module, abc: Mapping) -> ConversionReport:
     """:func:`abc_experiments.nn.convert` with the ``abc`` config group's settings (a DictConfig or
@@ -333,11 +330,6 @@ def convert_from_config(model: nn.Module, abc: Mapping) -> ConversionReport:
                    keep_first=abc["keep_first"], keep_last=abc["keep_last"], exclude=list(abc["exclude"]),
                    impl=str(abc["impl"]), bases=str(abc["bases"]), learn_u=abc["learn_u"],
                    alpha_fit=str(abc["alpha_fit"]), kernel=str(abc["kernel"]))
-
-
-def _mean_throughput(history: list[dict]) -> float | None:
-    rates = [record["images_per_s"] for record in history if "images_per_s" in record]
-    return round(sum(rates) / len(rates), 1) if rates else None
 
 
 def results_table(summary: RunSummary) -> str:
@@ -377,12 +369,6 @@ def run(cfg: DictConfig) -> float:
         experiment.ctx.close()
     value = summary.finetuned.val_acc
     return value if math.isfinite(value) else float("nan")
-
-
-def requeued() -> bool:
-    """A SLURM job that was preempted or timed out and requeued (e.g. by submitit) resumes from its
-    own last checkpoint in its job dir, without being told."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 def _is_interrupt(error: BaseException) -> bool:

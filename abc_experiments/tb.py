@@ -65,6 +65,8 @@ class Boards:
             "precision": summary.precision,
             "pretrain_lr": cfg["pretrain"]["lr"], "finetune_lr": cfg["finetune"]["lr"],
             "finetune_epochs": cfg["finetune"]["epochs"], "calibration_batches": cfg["abc"]["calibration"]["batches"],
+            "distill_weight": cfg["finetune"].get("distill", {}).get("weight", 0.0),
+            "distill_temperature": cfg["finetune"].get("distill", {}).get("temperature", 0.0),
         }
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # the values come from the tags themselves
         writer = self.abc._get_file_writer() if hasattr(self.abc, "_get_file_writer") else None

@@ -13,7 +13,8 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import CheckpointError, ResumeRefusedError, atomic_save, load_checkpoint, load_model_state
 from .distributed import DistributedContext
+from .progress import INTERVAL_S, Progress
 from .settings import setting_differences
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,6 @@ _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN, infinite, or exploded (see ``divergence_factor``)."""
-
-
-NonFiniteLossError = TrainingDiverged  # the name of earlier versions
 
 
 class TrainingInterrupted(Exception):
@@ -90,13 +89,27 @@ class Metrics:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "32",
-             channels_last: bool = False) -> Metrics:
-    """Mean cross-entropy and accuracy (%) over ``loader`` in eval mode."""
+             channels_last: bool = False, description: str = "evaluating") -> Metrics:
+    """Mean cross-entropy and accuracy (%) over ``loader`` in eval mode.
+
+    Arguments:
+        model: the model (its train/eval mode is restored afterwards).
+        loader: batches of (images, labels).
+        device: where the model lives.
+        precision: ``"32"`` or a mixed precision (autocast).
+        channels_last: NHWC images.
+        description: names the loop in the progress lines the log gets every 30 s while it runs.
+
+    Returns:
+        :class:`Metrics` with the loss, the accuracy in % and the number of images.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
+    progress = Progress(_length(loader), description, bar=False, unit="batches",
+                        items_per_step=getattr(loader, "batch_size", None))
     for images, labels in loader:
         images, labels = _to_device(images, device, channels_last), labels.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -104,8 +117,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
+        progress.update(1)
+    progress.close()
     model.train(was_training)
     return Metrics(loss=loss_sum.item() / max(count, 1), acc=100.0 * correct.item() / max(count, 1), count=count)
+
+
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -162,30 +184,113 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class StageEnvironment:
+    """How and where every stage of one run trains: the same for pretraining and fine-tuning.
+
+    Arguments:
+        device: where the model and batches live.
+        checkpoint_dir: ``<stage>_last.pt`` and ``<stage>_best.pt`` go there.
+        stop: the run's Ctrl-C / SIGTERM flag, checked between steps.
+        ctx: the distributed context (a single-process one by default).
+        fingerprint: the flat settings a resume must match.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"``.
+        channels_last: NHWC images.
+        progress: tqdm bars on a terminal (progress lines go to the log either way).
+    """
+
+    device: torch.device
+    checkpoint_dir: Path
+    stop: StopRequest = field(default_factory=lambda: StopRequest())
+    ctx: DistributedContext = field(default_factory=lambda: DistributedContext())
+    fingerprint: dict = field(default_factory=dict)
+    precision: str = "32"
+    channels_last: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    """What one stage's training produced.
+
+    Attributes:
+        history: one record per epoch (``epoch``, ``lr``, ``train_*``, ``val_*``, ``images_per_s``...).
+        resumed_from: where a resume picked the stage up (``{"stage", "epoch", "step"}``), or None.
+    """
+
+    history: list[dict]
+    resumed_from: dict | None = None
+
+    @property
+    def best(self) -> dict | None:
+        """The record of the epoch with the best validation accuracy (the model kept)."""
+        return max(self.history, key=lambda record: record["val_acc"]) if self.history else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Mean training throughput over the epochs (None without a measured epoch)."""
+        rates = [record["images_per_s"] for record in self.history if "images_per_s" in record]
+        return round(sum(rates) / len(rates), 1) if rates else None
+
+
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels, images)
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Every stage starts from its own seed, so its numbers do not depend on what ran before it
+    (e.g. whether the FP model was trained in this job or taken from the cache)."""
+    torch.manual_seed(seed * 1000 + {"init": 0, "pretrain": 1, "convert": 2, "finetune": 3}[stage])
+
+
+def train_stage(stage: str, model: nn.Module, loaders: dict, cfg, env: StageEnvironment, writer, *,
+                seed: int, resume: bool = False, criterion: Criterion | None = None,
+                on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model`` for one stage and leave it at its best validation epoch.
+
+    Arguments:
+        stage: ``"pretrain"`` or ``"finetune"`` (names the checkpoints, the seed and the log lines).
+        model: the model, trained in place.
+        loaders: ``train`` and ``val`` loaders.
+        cfg: the stage's config group (epochs, optimizer, lr, schedule...).
+        env: how and where it trains (:class:`StageEnvironment`).
+        writer: a TensorBoard SummaryWriter for the per-epoch tags.
+        seed: the run's seed; the stage seeds from it unless it resumes.
+        resume: continue from ``<stage>_last.pt`` if there is one.
+        criterion: the loss ``(logits, labels, images) -> scalar`` (cross-entropy by default).
+        on_epoch_end: called with the finished epoch's number.
+
+    Returns:
+        The :class:`FitResult` (history, where it resumed).
+    """
+    trainer = StageTrainer(stage, model, loaders, cfg, env, writer, criterion=criterion, on_epoch_end=on_epoch_end)
+    resumed = trainer.resume() if resume else None
+    if not resumed:
+        seed_stage(seed, stage)
+    history = trainer.fit()  # raises TrainingDiverged before a diverged model is kept
+    trainer.load_best()
+    return FitResult(history=history, resumed_from=resumed)
+
+
 class StageTrainer:
     """Trains ``model`` for one stage; ``fit()`` returns the per-epoch history.
 
     Each epoch logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and ``lr`` to
     ``writer`` (the same tags for every stage, so TensorBoard overlays them), keeps
-    ``<stage>_last.pt`` and ``<stage>_best.pt`` (best validation accuracy) in ``checkpoint_dir``.
+    ``<stage>_last.pt`` and ``<stage>_best.pt`` (best validation accuracy) in ``env.checkpoint_dir``.
     """
 
-    def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, *, device: torch.device,
-                 checkpoint_dir: Path, writer, stop: StopRequest, ctx: DistributedContext | None = None,
-                 progress: bool = True, on_epoch_end=None, fingerprint: dict | None = None,
-                 precision: str = "32", channels_last: bool = False):
-        self.stage, self.model, self.loaders, self.cfg = stage, model, loaders, cfg
-        self.fingerprint = fingerprint or {}  # the settings a resume must match
-        self.device, self.writer, self.stop, self.progress = device, writer, stop, progress
-        self.ctx = ctx or DistributedContext()
+    def __init__(self, stage: str, model: nn.Module, loaders: dict, cfg, env: StageEnvironment, writer, *,
+                 criterion: Criterion | None = None, on_epoch_end: Callable[[int], None] | None = None):
+        self.stage, self.model, self.loaders, self.cfg, self.env, self.writer = stage, model, loaders, cfg, env, writer
+        self.device, self.ctx = env.device, env.ctx
         self.net = self.ctx.wrap(model) or model  # what training steps run (DDP-wrapped under torchrun)
+        self.criterion = criterion or _cross_entropy
         self.on_epoch_end = on_epoch_end
-        self.precision, self.channels_last = precision, channels_last
         # float16 gradients underflow without loss scaling; a disabled scaler is a no-op.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=env.precision == "16-mixed")
         self.is_writer = self.ctx.is_main  # only rank 0 writes checkpoints and logs
-        self.last_path = checkpoint_dir / f"{stage}_last.pt"
-        self.best_path = checkpoint_dir / f"{stage}_best.pt"
+        self.last_path = env.checkpoint_dir / f"{stage}_last.pt"
+        self.best_path = env.checkpoint_dir / f"{stage}_best.pt"
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.history: list[dict] = []
@@ -199,7 +304,7 @@ class StageTrainer:
             "stage": self.stage, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": _rng_state(), "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "running": self.running,
-            "history": self.history, "best_val_acc": self.best_val_acc, "config": self.fingerprint,
+            "history": self.history, "best_val_acc": self.best_val_acc, "config": self.env.fingerprint,
             "scaler": self.scaler.state_dict(),
         }
 
@@ -214,7 +319,7 @@ class StageTrainer:
         state = load_checkpoint(self.last_path, f"{self.stage} checkpoint")
         if state.get("stage") != self.stage:
             raise CheckpointError(f"{self.last_path} is not a {self.stage} checkpoint")
-        changed = setting_differences(state.get("config", {}), self.fingerprint)
+        changed = setting_differences(state.get("config", {}), self.env.fingerprint)
         if changed:
             raise ResumeRefusedError(
                 f"resume=true, but {self.last_path} was saved with other settings ({'; '.join(changed)}): "
@@ -232,55 +337,64 @@ class StageTrainer:
                  self.last_path)
         return {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step_in_epoch}
 
+    def load_best(self) -> None:
+        """Continue with the epoch of best validation accuracy (model selection on val)."""
+        self.ctx.barrier()
+        if self.best_path.is_file():
+            state = load_checkpoint(self.best_path, f"{self.stage} best checkpoint")
+            load_model_state(self.model, state, self.best_path, f"{self.stage} best checkpoint")
+
     # ---- training ----------------------------------------------------------------------------
     def _steps_this_epoch(self, loader: DataLoader) -> int:
         steps = len(loader) + self.step_in_epoch  # len() counts the batches left after a mid-epoch start
         return steps if self.cfg.steps_per_epoch is None else min(self.cfg.steps_per_epoch, steps)
 
     def _train_epoch(self) -> Metrics:
+        """One epoch (or what is left of it); returns the training loss, accuracy and image count."""
         loader = self.loaders["train"]
         batch_size = loader.batch_size
         loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
         total = self._steps_this_epoch(loader)
         self.model.train()
-        bar = progress_bar(total, self.step_in_epoch, f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
-                        enabled=self.progress and self.is_writer)
+        progress = Progress(total, f"{self.stage} epoch {self.epoch + 1}/{self.cfg.epochs}", initial=self.step_in_epoch,
+                            bar=self.env.progress and self.is_writer, items_per_step=batch_size * self.ctx.world_size,
+                            interval_s=INTERVAL_S if self.is_writer else math.inf)  # rank 0 speaks for all
         batches = iter(loader)
         limit = None
-        while self.step_in_epoch < total:
-            if self.ctx.any(self.stop.requested):  # every rank stops at the same step
-                bar.close()
-                self.save()
-                raise TrainingInterrupted(self.stage, self.epoch, self.step_in_epoch, self.last_path)
-            images, labels = next(batches)
-            images = _to_device(images, self.device, self.channels_last)
-            labels = labels.to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                logits = self.net(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            hits = (logits.argmax(1) == labels).sum()
-            loss_value, correct = torch.stack([loss.detach().float(), hits.float()]).tolist()  # one device sync
-            if limit is None:
-                limit = divergence_limit(logits.shape[1], self.cfg.divergence_factor)
-            if self.ctx.any(not math.isfinite(loss_value) or loss_value > limit):  # every rank stops, none hangs
-                bar.close()
-                raise TrainingDiverged(self._divergence_message(loss_value, limit))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.running += torch.tensor([loss_value * labels.numel(), correct, labels.numel()], dtype=torch.float64)
-            self.step_in_epoch += 1
-            self.global_step += 1
-            if self.is_writer:
-                self.writer.add_scalar("train/loss_step", loss_value, self.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{self.running[0] / self.running[2]:.4f}",
-                            acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
-        bar.close()
+        try:
+            while self.step_in_epoch < total:
+                if self.ctx.any(self.env.stop.requested):  # every rank stops at the same step
+                    self.save()
+                    raise TrainingInterrupted(self.stage, self.epoch, self.step_in_epoch, self.last_path)
+                images, labels = next(batches)
+                images = _to_device(images, self.device, self.env.channels_last)
+                labels = labels.to(self.device, non_blocking=True)
+                with autocast(self.device, self.env.precision):
+                    logits = self.net(images)
+                loss = self.criterion(logits, labels, images)
+                hits = (logits.argmax(1) == labels).sum()
+                loss_value, correct = torch.stack([loss.detach().float(), hits.float()]).tolist()  # one device sync
+                if limit is None:
+                    limit = divergence_limit(logits.shape[1], self.cfg.divergence_factor)
+                if self.ctx.any(not math.isfinite(loss_value) or loss_value > limit):  # every rank stops, none hangs
+                    raise TrainingDiverged(self._divergence_message(loss_value, limit))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.running += torch.tensor([loss_value * labels.numel(), correct, labels.numel()],
+                                             dtype=torch.float64)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if self.is_writer:
+                    self.writer.add_scalar("train/loss_step", loss_value, self.global_step)
+                progress.update(1, loss=f"{self.running[0] / self.running[2]:.4f}",
+                                acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
+        finally:
+            progress.close()
         running = self.ctx.sum(self.running)
-        self.samples_seen = int(running[2].item())
-        return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item())
+        return Metrics(loss=(running[0] / running[2]).item(), acc=(100 * running[1] / running[2]).item(),
+                       count=int(running[2].item()))
 
     def _divergence_message(self, loss_value: float, limit: float) -> str:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -291,14 +405,16 @@ class StageTrainer:
                 f"(lr {lr:g}): the training diverged. Lower {self.stage}.lr or check the data{saved}")
 
     def fit(self) -> list[dict]:
+        """Train the remaining epochs; returns the history (one record per epoch)."""
         while self.epoch < self.cfg.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             train = self._train_epoch()
             seconds = time.perf_counter() - started
-            val = evaluate(self.model, self.loaders["val"], self.device, self.precision, self.channels_last)
-            record = {"epoch": self.epoch + 1, "lr": lr, "train_samples": self.samples_seen,
-                      "images_per_s": self.samples_seen / max(seconds, 1e-9),
+            val = evaluate(self.model, self.loaders["val"], self.device, self.env.precision, self.env.channels_last,
+                           description=f"{self.stage} epoch {self.epoch + 1} validation")
+            record = {"epoch": self.epoch + 1, "lr": lr, "train_samples": train.count,
+                      "images_per_s": train.count / max(seconds, 1e-9),
                       **train.as_dict("train_"), **val.as_dict("val_")}
             self.history.append(record)
             if self.is_writer:
@@ -316,8 +432,12 @@ class StageTrainer:
             self.running = torch.zeros(3, dtype=torch.float64)
             self.save()
             if self.on_epoch_end is not None:
-                self.on_epoch_end(self)
+                self.on_epoch_end(self.epoch)
         return self.history
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
 
 
 def log_epoch(writer, record: dict, step: int) -> None:
@@ -330,22 +450,3 @@ def log_epoch(writer, record: dict, step: int) -> None:
     if "images_per_s" in record:  # older cached histories lack it
         writer.add_scalar("train/images_per_s", record["images_per_s"], step)
     writer.flush()
-
-
-class _NoBar:
-    def update(self, *_):
-        pass
-
-    def set_postfix(self, **_):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total: int, initial: int, description: str, enabled: bool):
-    """A tqdm bar on a terminal; nothing otherwise (epoch summaries go to the log)."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True, disable=None)
