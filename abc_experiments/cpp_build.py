@@ -81,9 +81,9 @@ def load_extension(name: str, sources: list[str], extra_cflags: list[str], inclu
     if not _built_library(directory, name):
         _announce(f"building the {what} ({name}, usually about {usual_seconds} s on 2 cores, once per "
                   f"checkout and torch version) in {directory}")
-    if (directory / "lock").exists():
-        _announce(f"waiting for another process that is building the {what} in {directory} (its lock file "
-                  f"{directory / 'lock'}; if no build is running, delete that file)")
+    if lock_held_elsewhere(directory / "lock"):
+        _announce(f"waiting for another process that is building the {what} in {directory} (it holds the "
+                  f"lock on {directory / 'lock'}; the wait ends when that build does)")
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant for CPU kernels
@@ -101,6 +101,30 @@ def load_extension(name: str, sources: list[str], extra_cflags: list[str], inclu
     if captured.getvalue().strip():
         log.debug("%s build output:\n%s", name, captured.getvalue())
     log.debug("%s loaded in %.1f s", name, time.perf_counter() - started)
+
+
+def lock_held_elsewhere(path: Path) -> bool:
+    """Whether another process holds torch's build lock ``path`` now. torch (2.x) takes an advisory
+    ``FileLock`` on that file and leaves the empty file behind after every build, so the file's mere
+    existence says nothing; a lock the kernel releases when its holder dies is tested by trying it.
+
+    Arguments:
+        path: the ``lock`` file in an extension's build folder.
+
+    Returns:
+        True if the lock could not be taken at once (a build is running elsewhere).
+    """
+    if not path.exists():
+        return False
+    from filelock import FileLock, Timeout  # a dependency of torch
+
+    probe = FileLock(str(path), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False
 
 
 def _announce(message: str) -> None:

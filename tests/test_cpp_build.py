@@ -4,10 +4,19 @@ other's kernels at every alternation."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 from abc_experiments import cpp_build
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
 
 
 def test_build_root_differs_per_checkout_environment_and_torch(monkeypatch, tmp_path):
@@ -47,6 +56,17 @@ def test_load_extension_builds_in_the_checkout_folder_and_says_so(monkeypatch, t
     cpp_build.load_extension("abc_fake_123", ["x.cpp"], ["-O3"], [], what="fake kernels")  # already built
     assert capsys.readouterr().out == ""
 
-    (cpp_build.build_root() / "abc_fake_123" / "lock").write_text("")  # another process is building
+    lock = cpp_build.build_root() / "abc_fake_123" / "lock"
+    lock.write_text("")  # torch leaves the empty file behind after every build: no one is waiting
     cpp_build.load_extension("abc_fake_123", ["x.cpp"], ["-O3"], [], what="fake kernels")
-    assert "waiting for another process" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another process is building now
+        cpp_build.load_extension("abc_fake_123", ["x.cpp"], ["-O3"], [], what="fake kernels")
+        assert "waiting for another process" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not cpp_build.lock_held_elsewhere(lock)  # the kernel released it with its holder
