@@ -250,6 +250,27 @@ def _refuse_unofficial(name: str, spec: _TorchvisionSpec, root: str) -> None:
         raise DatasetUnavailableError(_not_official_message(name, [path for path, _ in unofficial]))
 
 
+def _root_hint(spec: _TorchvisionSpec, root: str) -> str:
+    """A parenthesised hint when ``root`` looks like a near miss: the files sit higher up than the
+    sub-folder torchvision reads (e.g. data.root set to cifar-10-batches-py/ itself), or CIFAR's
+    archive is there but not unpacked; empty otherwise."""
+    cls = spec.dataset_class
+    if spec.label_key:
+        first, subfolder = cls.train_list[0][0], Path(cls.base_folder)
+    else:
+        first, subfolder = cls.resources[0][0].removesuffix(".gz"), Path(cls.__name__, "raw")
+    for folder in (Path(root), Path(root, "raw"), Path(root, cls.__name__)):
+        if (folder / first).is_file() or (folder / f"{first}.gz").is_file():
+            folder = folder.resolve()
+            depth = len(subfolder.parts)
+            fix = (f"data.root={folder.parents[depth - 1]}" if folder.parts[-depth:] == subfolder.parts
+                   else f"the files go in <data.root>/{subfolder}/")
+            return f" ({folder}/ holds the files, but data.root is the folder that contains {subfolder}/: {fix})"
+    if spec.label_key and Path(root, cls.filename).is_file():
+        return f" ({cls.filename} is in {Path(root).resolve()}/ but not unpacked: tar xzf it there)"
+    return ""
+
+
 def _unavailable_message(
     name: str, spec: _TorchvisionSpec, root: str, download: bool, error: BaseException
 ) -> str:
@@ -267,7 +288,7 @@ def _unavailable_message(
     example = f", e.g. {spec.root_example}" if spec.root_example else ""
     return (
         f"Dataset '{name}' is not available: {reason}. "
-        f"Expected {spec.files} in {folder}/. "
+        f"Expected {spec.files} in {folder}/{_root_hint(spec, root)}. "
         f"To fix: download them by hand from {spec.url} into that folder, "
         f"or set data.root= to a folder that already has them{example}."
     )
@@ -315,7 +336,6 @@ def _unverified_files(name: str, spec: _TorchvisionSpec, root: str) -> dict[str,
         names.update({f"test{i}": name for i, (name, _) in enumerate(cls.test_list)}, meta=cls.meta["filename"])
         files = {role: folder / file_name for role, file_name in names.items()}
         missing = [path.name for path in files.values() if not path.is_file()]
-        archive = f" (unpack {cls.filename} there first: tar xzf {cls.filename})"
     else:  # MNIST family: <root>/<ClassName>/raw/<name>[.gz]
         folder = Path(root, cls.__name__, "raw")
         files, missing = {}, []
@@ -325,10 +345,10 @@ def _unverified_files(name: str, spec: _TorchvisionSpec, root: str) -> dict[str,
             files[role] = plain if plain.is_file() else gzipped
             if not files[role].is_file():
                 missing.append(f"{plain.name}[.gz]")
-        archive = ""
     if missing:
+        lacks = f"{folder.resolve()}/ lacks {', '.join(missing)}{_root_hint(spec, root)}"
         raise DatasetUnavailableError(
-            f"Dataset '{name}' is not available: {folder.resolve()}/ lacks {', '.join(missing)}{archive}. "
+            f"Dataset '{name}' is not available: {lacks}. "
             f"data.verify=false reads the files in place and downloads nothing: put files in the official "
             f"format there, set data.root= to a folder that has them, or set data.verify=true to download "
             f"the official files."

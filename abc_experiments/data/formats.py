@@ -88,11 +88,11 @@ def _unpickle(path: Path) -> object:
     except OSError as error:
         raise DatasetFormatError(path, f"cannot be read ({error.strerror or error})") from None
     except EOFError:
-        raise DatasetFormatError(path, f"ends early ({path.stat().st_size} bytes): truncated") from None
+        raise DatasetFormatError(path, f"ends early, after {path.stat().st_size} bytes: truncated") from None
     except pickle.UnpicklingError as error:
         text = str(error)
         if "truncated" in text:
-            raise DatasetFormatError(path, f"ends early ({path.stat().st_size} bytes): truncated") from None
+            raise DatasetFormatError(path, f"ends early, after {path.stat().st_size} bytes: truncated") from None
         raise DatasetFormatError(path, f"is not a pickled CIFAR batch ({text})") from None
     except Exception as error:  # a damaged pickle fails in many ways (KeyError, ValueError, ...)
         raise DatasetFormatError(path, f"is not a pickled CIFAR batch ({type(error).__name__}: {error})") from None
