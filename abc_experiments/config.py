@@ -66,6 +66,9 @@ class DatasetConfig:
 class DataConfig:
     root: str = "data"
     download: bool = True
+    # Accept only the official files (MD5). false: read any files in the official format (a subset,
+    # a relabelled copy) as they are; their format is still checked, and nothing is downloaded.
+    verify: bool = True
     val_fraction: float = 0.1
     num_workers: Optional[int] = None  # None: a default that suits the dataset and the machine
 

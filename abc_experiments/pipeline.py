@@ -256,7 +256,8 @@ class Experiment:
             raise ConfigError(str(error)) from None
         try:
             splits = build_datasets(str(cfg.dataset.name), root=str(Path(cfg.data.root).expanduser().absolute()),
-                                    download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed)
+                                    download=cfg.data.download, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+                                    verify=cfg.data.verify)
         except ValueError as error:
             raise ConfigError(f"data: {error}") from None
         seed_stage(cfg.seed, "init")

@@ -110,8 +110,12 @@ def test_loader(summary: RunSummary, overrides: Sequence[str] = (), device: str 
         config.merge_with_dotlist(list(overrides))
     except Exception as error:  # omegaconf's errors for a malformed or unknown key
         raise RunError(f"bad override ({error})") from None
+    verify = config.data.get("verify", True)  # runs from before data.verify read only the official files
+    if not isinstance(verify, bool):
+        raise RunError(f"data.verify={verify} is not a boolean: give data.verify=true or data.verify=false")
     splits = build_datasets(str(config.dataset.name), root=str(Path(config.data.root).expanduser()),
-                            download=config.data.download, val_fraction=config.data.val_fraction, seed=config.seed)
+                            download=config.data.download, val_fraction=config.data.val_fraction, seed=config.seed,
+                            verify=verify)
     if [splits.in_channels, splits.image_size, splits.image_size] != summary.input_shape:
         raise RunError(f"dataset {config.dataset.name} has {splits.in_channels}x{splits.image_size}x"
                        f"{splits.image_size} images; the model takes {'x'.join(map(str, summary.input_shape))}")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 # same list is hydra.job.config.override_dirname.exclude_keys in conf/hydra/default.yaml (a test
 # ties the two), so these keys never name a run dir either.
 RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir", "data.root", "data.download",
-                           "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
+                           "data.verify", "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
 
 
 def flat_settings(config: Mapping, skip: frozenset[str] = RUN_ONLY_KEYS) -> dict:
