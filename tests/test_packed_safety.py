@@ -21,12 +21,19 @@ from abc_experiments import packed as P
 from abc_experiments.models import build_model
 from abc_experiments.nn import ABCConv2d, ABCLinear, convert
 from abc_experiments.packed import _ext
-from abc_experiments.packed.io import _digest
+from abc_experiments.packed.io import _digest, serialize
 
 
 def paths() -> tuple[str, ...]:
     """The kernel paths this machine runs (native ones only where the extension builds)."""
     native = _ext.runnable_isas() if P.extension_available() else ()
+    return (*native, "reference")
+
+
+def model_paths() -> tuple[str, ...]:
+    """For whole models: the best native path and the reference (the emulated and portable paths are
+    slow, and each is checked against the reference layer by layer in test_packed.py)."""
+    native = P.cpu_isas()[:1] if P.extension_available() else ()
     return (*native, "reference")
 
 
@@ -77,7 +84,7 @@ def standalone_linear(features=100, out=7, seed=0) -> P.PackedABCLinear:
 
 # --------------------------------------------------------------------------------------- empty batch
 
-@pytest.mark.parametrize("isa", paths())
+@pytest.mark.parametrize("isa", model_paths())
 def test_empty_batch_gives_an_empty_output_like_the_float_model(isa, models):
     for name, (shape, _) in (("seed_cnn", SEED_CNN), ("resnet20", RESNET20)):
         model = models[(name, 0)]
@@ -127,7 +134,7 @@ def test_wrong_channel_counts_raise_naming_the_layer(isa, case, models):
                 layer(torch.zeros(1, count, 8, 8))
 
 
-@pytest.mark.parametrize("isa", paths())
+@pytest.mark.parametrize("isa", model_paths())
 def test_a_chain_refuses_wrong_channels_through_its_layer(isa, models):
     fused = P.fuse_batchnorm_relu(P.pack_model(models[("resnet20", 0)]))
     chain = next(m for m in fused.modules() if isinstance(m, P.PackedConvChain))
@@ -243,11 +250,11 @@ def test_load_state_dict_rebuilds_every_derived_tensor(name, models):
         folded = [n for n, layer in P.packed_layers(source) if layer.folded_batchnorm]
         assert len(folded) == 20 and all(f"{n}.output_scale" in state and f"{n}.output_shift" in state
                                          for n in folded)
-    for isa in paths():
+    for isa in model_paths():
         with torch.no_grad(), P.use_isa(isa):
             assert not torch.equal(target(x), source(x))  # the caches of every layer are filled
     target.load_state_dict(state)
-    for isa in paths():
+    for isa in model_paths():
         with torch.no_grad(), P.use_isa(isa):
             assert torch.equal(target(x), source(x)), isa
     # fused models too: a chain's cached programs hold the layers' tensors
@@ -255,7 +262,7 @@ def test_load_state_dict_rebuilds_every_derived_tensor(name, models):
     with torch.no_grad():
         fused_target(x)
         fused_target.load_state_dict(fused_source.state_dict())
-        for isa in paths():
+        for isa in model_paths():
             with P.use_isa(isa):
                 assert torch.equal(fused_target(x), fused_source(x)), isa
 
@@ -408,3 +415,10 @@ def test_check_packed_header_on_a_valid_file_lists_its_layers(tmp_path, models):
         P.check_packed_header(meta, tensors)
     with pytest.raises(P.PackedFormatError, match="tensors bits, floats"):
         P.check_packed_header(meta, {"bits": tensors["bits"]})
+
+
+def test_save_packed_writes_pretrained_false(tmp_path, models):
+    """A resnet18 run trained from pretrained weights exports a file that loads without them."""
+    arch = {**SEED_CNN[1], "options": {"pretrained": True}}
+    _, meta = serialize(P.pack_model(models[("seed_cnn", 0)]), arch)
+    assert meta["architecture"]["options"] == {"pretrained": False} and arch["options"] == {"pretrained": True}

@@ -114,7 +114,11 @@ def _check_architecture(architecture: dict) -> dict:
     if missing:
         raise ValueError(f"architecture lacks {', '.join(missing)} (needed by build_model)")
     result = dict(architecture)
-    result.setdefault("options", {})
+    result["options"] = dict(result.get("options") or {})
+    if "pretrained" in result["options"]:
+        # the file holds the weights: pretrained ones would be overwritten, and load_packed never
+        # downloads (it refuses a file that asks for them)
+        result["options"]["pretrained"] = False
     json.dumps(result)  # must be JSON-able
     return result
 
@@ -527,6 +531,10 @@ def packed_size_report(source, architecture: dict | None = None) -> dict:
     (fp32_bytes / file_bytes)."""
     if isinstance(source, (str, os.PathLike)):
         tensors, meta = read_packed(source)
+        try:
+            check_packed_header(meta, tensors)
+        except PackedFormatError as error:
+            raise PackedFormatError(f"{source}: {error}") from None
         file_bytes, header = os.path.getsize(source), _header_bytes(source)
     else:
         from safetensors.torch import save
@@ -538,8 +546,7 @@ def packed_size_report(source, architecture: dict | None = None) -> dict:
     fields = meta["layer_fields"]
     binary = sum(row[fields.index("weights")] for row in meta["layers"])
     if arch:
-        float_model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
-                                  **arch.get("options", {}))
+        float_model = _build_on_meta(_check_architecture(arch))  # only counted: no memory, no download
         fp32 = 4 * (sum(p.numel() for p in float_model.parameters())
                     + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
     else:  # estimate: the original float weights of the packed layers plus the stored floats
