@@ -237,10 +237,10 @@ def test_the_chain_operator_refuses_a_step_reading_a_later_value_or_none():
     x, r = torch.randn(1, 8, 5, 5), torch.randn(1, 8, 5, 5)
     tensors, ints, isa = chained.packed_chain0._program(("avx2",), (x, r), _ext.get_isa())
     bad = list(ints)
-    bad[5 + 12 + 10] = 4  # step 1 reads value 4, step 2's output
+    bad[5 + 13 + 10] = 4  # step 1 (13 ints per step) reads value 4, step 2's output
     with pytest.raises(RuntimeError, match="not computed before it"):
         torch.ops.abc_packed.conv2d_chain([x, r], tensors, bad, isa)
-    bad[5 + 12 + 10] = -1  # step 1 without an input
+    bad[5 + 13 + 10] = -1  # step 1 without an input
     with pytest.raises(RuntimeError, match="has no input value"):
         torch.ops.abc_packed.conv2d_chain([x, r], tensors, bad, isa)
 

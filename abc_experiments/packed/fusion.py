@@ -176,10 +176,15 @@ class PackedConvChain(nn.Module):
         self._programs: dict[tuple, tuple | None] = {}  # per input shapes and path: (tensors, program, isa code)
 
     def forward(self, *inputs):
+        """The chain on its inputs: one operator call where every step's input fits its layer (its
+        channel count, size, float32 on the CPU, a non-empty batch); else layer by layer, where each
+        layer checks its input and raises or converts as it does on its own."""
         isa = _ext.get_isa()
         if isa != "reference" and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32
-                                      and t.device.type == "cpu" and t.dim() == 4 for t in inputs):
-            key = (isa, *(t.shape for t in inputs))
+                                      and t.device.type == "cpu" and t.dim() == 4 and t.shape[0] > 0
+                                      for t in inputs):
+            # a layer's state version changes when load_state_dict, .to() or a fold replace its tensors
+            key = (isa, *(t.shape for t in inputs), *(layer.state_version for layer in self.layers))
             program = self._programs[key] if key in self._programs else self._program(key, inputs, isa)
             if program is not None:
                 return tuple(torch.ops.abc_packed.conv2d_chain.default([t.contiguous() for t in inputs], *program))
@@ -197,16 +202,20 @@ class PackedConvChain(nn.Module):
         tensors, ints = [], [len(self.steps), len(self.outputs), *self.outputs]
         program = None
         for layer, (i, r) in zip(self.layers, self.steps):
-            B, C, H, W = shapes[i]
-            if not layer.native or C != layer.in_channels:
+            if not layer.native or layer.weight_bits.device.type != "cpu":
                 break
+            try:
+                layer._check_shape(shapes[i])
+            except ValueError:
+                break  # the layer, called on its own, raises with its name and what it expects
+            B, C, H, W = shapes[i]
             _, args = layer._operator_args(H, W, isa)
             wk, coef, bterm, shifts, out_channels, kernel, stride, padding, dilation = args[:9]
             out_shape = (B, out_channels, *bterm.shape[1:])
             if r >= 0 and shapes[r] != out_shape:  # a broadcast addition: the layer handles it
                 break
             tensors += [wk, coef, bterm, shifts]
-            ints += [out_channels, *kernel, *stride, *padding, *dilation, int(layer.relu), i, r]
+            ints += [out_channels, *kernel, *stride, *padding, *dilation, int(layer.relu), i, r, layer.in_channels]
             shapes.append(out_shape)
         else:
             program = (tensors, ints, _ext.ISA_CODES[isa])
@@ -258,7 +267,7 @@ def chain_packed_convs(gm: fx.GraphModule) -> fx.GraphModule:
         with gm.graph.inserting_after(chain_node):
             for j, out in enumerate(reversed(outputs)):  # each inserted right after the chain call
                 item = gm.graph.call_function(operator.getitem, (chain_node, len(outputs) - 1 - j))
-                out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+                out.replace_all_uses_with(item, delete_user_cb=lambda user, members=members: user not in members)
         for node in reversed(run):
             gm.graph.erase_node(node)
     if runs:

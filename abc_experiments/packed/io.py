@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..models import build_model
+from ..models import build_model, check_model_options
 from ..nn.layers import ABCLayer
 from .fusion import PackedConvChain, fold_batchnorms
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
@@ -68,13 +68,17 @@ def pack_model(model: nn.Module, *, fold_batchnorm: bool = True) -> nn.Module:
                          "(abc_experiments.nn.convert)")
     packed = copy.deepcopy(model).cpu()
     for name in names:
-        packed.set_submodule(name, pack_layer(packed.get_submodule(name)))
+        layer = pack_layer(packed.get_submodule(name))
+        layer.name = name
+        packed.set_submodule(name, layer)
     if fold_batchnorm:
         fold_batchnorms(packed)
     return packed.eval()
 
 
 def packed_layers(model: nn.Module) -> list[tuple[str, PackedABCLayer]]:
+    """Returns:
+        (module name, layer) of every packed layer of ``model``, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedABCLayer)]
 
 
@@ -110,7 +114,11 @@ def _check_architecture(architecture: dict) -> dict:
     if missing:
         raise ValueError(f"architecture lacks {', '.join(missing)} (needed by build_model)")
     result = dict(architecture)
-    result.setdefault("options", {})
+    result["options"] = dict(result.get("options") or {})
+    if "pretrained" in result["options"]:
+        # the file holds the weights: pretrained ones would be overwritten, and load_packed never
+        # downloads (it refuses a file that asks for them)
+        result["options"]["pretrained"] = False
     json.dumps(result)  # must be JSON-able
     return result
 
@@ -129,7 +137,7 @@ def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[
     for name, layer in layers:
         stored = layer.stored_tensors()
         count = stored["weight_bits"].numel()
-        rows.append([name, layer.M, layer.N, layer.scope, int(layer.bias is not None), layer.binary_weights(),
+        rows.append([name, layer.M, layer.N, layer.scope, int(layer.bias is not None), layer.binary_weight_count(),
                      bit_offset, count, layer.folded_batchnorm or ""])
         bits.append(stored["weight_bits"])
         bit_offset += count
@@ -167,7 +175,18 @@ def save_packed(model: nn.Module, path, *, architecture: dict) -> Path:
 
 
 def read_packed(path) -> tuple[dict[str, Tensor], dict]:
-    """The tensors and metadata of a packed file, checked; PackedFormatError if it is not one."""
+    """The tensors and metadata of a packed file, checked: its format and version, that it holds
+    exactly the tensors ``bits``, ``floats`` (and ``ints``) its header lists (names checked before
+    any tensor is read), with their dtypes and checksums.
+
+    Arguments:
+        path: the file.
+
+    Returns:
+        (tensors, metadata).
+
+    Raises:
+        PackedFormatError: not a packed model file, or corrupt."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -179,23 +198,202 @@ def read_packed(path) -> tuple[dict[str, Tensor], dict]:
             if METADATA_KEY not in header:
                 raise PackedFormatError(f"{path} is a safetensors file but not a packed ABC model "
                                         f"(no {METADATA_KEY!r} metadata)")
+            meta = json.loads(header[METADATA_KEY])
+            _check_format(path, meta)
+            _check_tensor_names(path, set(handle.keys()), meta)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        meta = json.loads(header[METADATA_KEY])
     except PackedFormatError:
         raise
     except Exception as error:  # safetensors' own errors, bad JSON, truncated files
         raise PackedFormatError(f"{path} is not a readable packed ABC model file: {error}") from error
+    for key, tensor in tensors.items():
+        if tensor.dtype != TENSOR_DTYPES[key] or tensor.dim() != 1:
+            raise PackedFormatError(f"{path}: tensor {key!r} must be a {TENSOR_DTYPES[key]} vector, got "
+                                    f"{tensor.dtype} {tuple(tensor.shape)}")
+    for key, digest in meta["sha256"].items():
+        if _digest(tensors[key]) != digest:
+            raise PackedFormatError(f"{path}: tensor {key!r} is corrupt (checksum mismatch)")
+    return tensors, meta
+
+
+TENSOR_DTYPES = {"bits": torch.uint8, "floats": torch.float32, "ints": torch.int64}
+
+
+def _check_format(path, meta) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PackedFormatError(f"{path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-    if meta.get("version") not in READABLE_VERSIONS:
+    if meta.get("version") not in READABLE_VERSIONS or isinstance(meta.get("version"), bool):
         raise PackedFormatError(f"{path}: format version {meta.get('version')} (this code reads "
                                 f"{', '.join(map(str, READABLE_VERSIONS))})")
-    for key, digest in meta.get("sha256", {}).items():
-        if key not in tensors or _digest(tensors[key]) != digest:
-            raise PackedFormatError(f"{path}: tensor {key!r} is missing or corrupt (checksum mismatch)")
-    if set(tensors) != set(meta.get("sha256", {})):
-        raise PackedFormatError(f"{path}: unexpected tensors {sorted(set(tensors) - set(meta['sha256']))}")
-    return tensors, meta
+
+
+def _check_tensor_names(path, names: set[str], meta: dict) -> None:
+    """The file's tensors must be exactly those its header checksums, all of them known."""
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise PackedFormatError(f"{path}: the header's 'sha256' must map each tensor name to its checksum")
+    unknown = sorted((names | set(digests)) - set(TENSOR_DTYPES))
+    if unknown:
+        raise PackedFormatError(f"{path}: unexpected tensors {unknown} (a packed file holds only "
+                                f"{', '.join(TENSOR_DTYPES)}): refused")
+    if names != set(digests):
+        raise PackedFormatError(f"{path}: tensors {sorted(names ^ set(digests))} are missing or have no checksum")
+    if not {"bits", "floats"} <= names:
+        raise PackedFormatError(f"{path}: a packed file needs the tensors 'bits' and 'floats'")
+
+
+# the largest integer a header field may hold: the real bounds come from the file's tensors
+MAX_HEADER_INT = 2**31 - 1
+
+
+def _header_int(value, what: str, low: int) -> int:
+    if type(value) is not int or not low <= value <= MAX_HEADER_INT:
+        raise PackedFormatError(f"{what} must be an integer in [{low}, {MAX_HEADER_INT}], got {value!r}")
+    return value
+
+
+def _check_header_architecture(arch) -> dict:
+    """The architecture fields: a registered model, positive sizes, options it takes; never
+    ``pretrained`` (a packed file holds its weights; loading must not reach the network)."""
+    if not isinstance(arch, dict):
+        raise PackedFormatError(f"the header's architecture must be a dict, got {arch!r}: the file was not written "
+                                "by save_packed")
+    missing = [key for key in ARCHITECTURE_KEYS if key not in arch]
+    if missing:
+        raise PackedFormatError(f"the header's architecture lacks {', '.join(missing)}")
+    if not isinstance(arch["name"], str):
+        raise PackedFormatError(f"architecture name must be a string, got {arch['name']!r}")
+    for key in ARCHITECTURE_KEYS[1:]:
+        _header_int(arch[key], f"architecture {key}", 1)
+    options = arch.get("options", {})
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise PackedFormatError(f"architecture options must be a dict of named options, got {options!r}")
+    if "pretrained" in options and options["pretrained"] is not False:
+        raise PackedFormatError(f"architecture options ask for pretrained={options['pretrained']!r}: a packed file "
+                                "holds its own weights and loading it never downloads anything; refused (save the "
+                                "model with options.pretrained=false)")
+    try:
+        check_model_options(arch["name"], options)
+    except ValueError as error:
+        raise PackedFormatError(f"architecture: {error}") from None
+    return {**arch, "options": options}
+
+
+def _layer_floats(entry: dict, out: int) -> int:
+    """How many floats a packed layer with ``out`` output channels stores."""
+    return (entry["M"] * (1 if entry["scope"] == "per_layer" else out) + 2 * entry["N"]
+            + out * bool(entry["bias"]) + 2 * out * bool(entry["batchnorm"]))
+
+
+def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
+    """Check every field of a packed file's header against bounds that the file itself sets, before
+    anything is built: the architecture (a registered model, options it takes, never
+    ``pretrained``), each layer row (types, M, N, scope; its bits exactly ``ceil(M·weights/8)``
+    bytes, the rows back to back covering all of ``bits``), and, on a model built on the ``meta``
+    device (no memory, no download), that each row names a Conv2d or Linear with that many weights,
+    each folded BatchNorm a BatchNorm2d over its channels, and that the floats and ints the layers
+    and the rest of the state need are exactly those of the file (no extra data either way).
+
+    Arguments:
+        meta: the header's ``abc_packed`` metadata (JSON-decoded).
+        tensors: the file's tensors by name (``bits``, ``floats``, optionally ``ints``).
+
+    Returns:
+        the layer rows as dicts (``LAYER_FIELDS``; ``batchnorm`` is "" for none), in file order.
+
+    Raises:
+        PackedFormatError: the first field out of bounds, saying which and why."""
+    _check_format("header", meta)
+    if not isinstance(tensors, dict) or not {"bits", "floats"} <= set(tensors) or set(tensors) - set(TENSOR_DTYPES):
+        raise PackedFormatError(f"expected the tensors bits, floats (and ints), got {sorted(tensors)}")
+    sizes = {key: tensors[key].numel() for key in TENSOR_DTYPES if key in tensors}
+    sizes.setdefault("ints", 0)
+    arch = _check_header_architecture(meta.get("architecture"))
+    fields = meta.get("layer_fields")
+    readable = [LAYER_FIELDS] + ([LAYER_FIELDS[:-1]] if meta["version"] == 1 else [])
+    if fields not in readable:
+        raise PackedFormatError(f"layer_fields must be {LAYER_FIELDS}, got {fields!r}")
+    rows = meta.get("layers")
+    if not isinstance(rows, list) or not rows:
+        raise PackedFormatError("the header lists no packed layers")
+    if not isinstance(meta.get("rest_sha256"), str):
+        raise PackedFormatError("the header lacks the rest_sha256 layout checksum")
+    entries, names, bit_offset, least_floats = [], set(), 0, 0
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(fields):
+            raise PackedFormatError(f"layer row {i} must be a list of {len(fields)} fields ({', '.join(fields)})")
+        entry = dict(zip(fields, row))
+        entry.setdefault("batchnorm", "")
+        what = f"layer row {i} ({entry['name']!r})"
+        if not isinstance(entry["name"], str) or not entry["name"] or entry["name"] in names:
+            raise PackedFormatError(f"{what}: the name must be a module name, once")
+        names.add(entry["name"])
+        _header_int(entry["M"], f"{what}: M", 1)
+        _header_int(entry["N"], f"{what}: N", 0)
+        _header_int(entry["weights"], f"{what}: weights", 1)
+        if entry["scope"] not in ("per_layer", "per_channel"):
+            raise PackedFormatError(f"{what}: scope must be per_layer or per_channel, got {entry['scope']!r}")
+        if entry["bias"] not in (0, 1) or type(entry["bias"]) not in (int, bool):
+            raise PackedFormatError(f"{what}: bias must be 0 or 1, got {entry['bias']!r}")
+        if not isinstance(entry["batchnorm"], str):
+            raise PackedFormatError(f"layer {entry['name']}: 'batchnorm' must be a module name or \"\", got "
+                                    f"{entry['batchnorm']!r}")
+        want = (entry["M"] * entry["weights"] + 7) // 8
+        if (entry["bit_offset"] != bit_offset or entry["bit_bytes"] != want or type(entry["bit_bytes"]) is not int
+                or type(entry["bit_offset"]) is not int):
+            raise PackedFormatError(f"{what}: its bits must be the {want} bytes at offset {bit_offset} (M = "
+                                    f"{entry['M']} bits for each of {entry['weights']} weights, rows back to back), "
+                                    f"got {entry['bit_bytes']!r} at {entry['bit_offset']!r}")
+        bit_offset += want
+        if bit_offset > sizes["bits"]:
+            raise PackedFormatError(f"{what}: bits out of range (the file holds {sizes['bits']} bytes of bits)")
+        least_floats += entry["M"] + 2 * entry["N"]
+        if least_floats > sizes["floats"]:
+            raise PackedFormatError(f"{what}: float data too short for the layers it describes")
+        entries.append(entry)
+    if bit_offset != sizes["bits"]:
+        raise PackedFormatError(f"the file holds {sizes['bits']} bytes of bits, its layers use {bit_offset}")
+    model = _build_on_meta(arch)
+    floats, folded = 0, set()
+    for entry in entries:
+        try:
+            original = model.get_submodule(entry["name"])
+        except AttributeError:
+            raise PackedFormatError(f"layer {entry['name']}: not a module of the architecture "
+                                    f"{arch['name']!r}") from None
+        if type(original) not in (nn.Conv2d, nn.Linear):
+            raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
+                                    "not a Conv2d or Linear")
+        if original.weight.numel() != entry["weights"]:
+            raise PackedFormatError(f"layer {entry['name']}: {entry['weights']} binary weights in the file, "
+                                    f"{original.weight.numel()} in the architecture's {original}")
+        entry["batchnorm"] = _folded_batchnorm(entry, model, original)
+        if entry["batchnorm"] and (entry["batchnorm"] in folded or entry["batchnorm"] in names):
+            raise PackedFormatError(f"layer {entry['name']}: the BatchNorm {entry['batchnorm']!r} is folded twice or "
+                                    "is a packed layer")
+        folded.add(entry["batchnorm"])
+        floats += _layer_floats(entry, original.weight.shape[0])
+    rest = _rest_state(model, [entry["name"] for entry in entries] + [name for name in folded if name])
+    if _layout_digest(rest) != meta["rest_sha256"]:
+        raise PackedFormatError("the file's non-ABC state (BatchNorm, float layers) does not match the "
+                                f"architecture {arch['name']!r} rebuilt from its metadata")
+    floats += sum(value.numel() for value in rest.values() if value.is_floating_point())
+    ints = sum(value.numel() for value in rest.values() if not value.is_floating_point())
+    if floats != sizes["floats"] or ints != sizes["ints"]:
+        raise PackedFormatError(f"the model needs {floats} floats and {ints} integers, the file holds "
+                                f"{sizes['floats']} and {sizes['ints']}: refused")
+    return entries
+
+
+def _build_on_meta(arch: dict) -> nn.Module:
+    """The architecture built on the meta device: shapes without memory (and never pretrained)."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
+                               **arch["options"])
+    except Exception as error:  # the builder's own refusals of the sizes
+        raise PackedFormatError(f"architecture {arch['name']!r} cannot be built from the header's fields "
+                                f"({type(error).__name__}: {error})") from None
 
 
 def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor, offset: int, batchnorm: str
@@ -261,22 +459,34 @@ def _folded_batchnorm(entry: dict, model: nn.Module, original: nn.Module) -> str
 def load_packed(path) -> nn.Module:
     """Rebuild the model saved by :func:`save_packed`: the float architecture from ``build_model``,
     the converted layers replaced by packed layers from the file, the rest of the state dict
-    loaded; in eval mode. No pickle, no Hydra. Raises :class:`PackedFormatError` for a file that is
-    not a packed model or is corrupt."""
+    loaded; in eval mode. No pickle, no Hydra, no network: every header field is checked against
+    the file's own contents (:func:`check_packed_header`) before anything is built.
+
+    Arguments:
+        path: the packed file.
+
+    Returns:
+        the packed model, in eval mode.
+
+    Raises:
+        PackedFormatError: a file that is not a packed model, is corrupt, or whose header does not
+            describe exactly its contents (extra tensors or data, ``pretrained`` options included)."""
     tensors, meta = read_packed(path)
     try:
-        arch = meta["architecture"]
+        entries = check_packed_header(meta, tensors)
+    except PackedFormatError as error:
+        raise PackedFormatError(f"{path}: {error}") from None
+    try:
+        arch = _check_header_architecture(meta["architecture"])
         model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
-                            **arch.get("options", {}))
+                            **arch["options"])
         bits, floats = tensors["bits"], tensors["floats"]
-        if bits.dtype != torch.uint8 or floats.dtype != torch.float32:
-            raise PackedFormatError("bits must be uint8 and floats float32")
         offset = 0
-        entries = [dict(zip(meta["layer_fields"], row)) for row in meta["layers"]]
         for entry in entries:
             original = model.get_submodule(entry["name"])
             bn_name = _folded_batchnorm(entry, model, original)
             layer, offset = _build_layer(entry, original, bits, floats, offset, bn_name)
+            layer.name = entry["name"]
             model.set_submodule(entry["name"], layer)
             if bn_name:
                 model.set_submodule(bn_name, nn.Identity())
@@ -321,6 +531,10 @@ def packed_size_report(source, architecture: dict | None = None) -> dict:
     (fp32_bytes / file_bytes)."""
     if isinstance(source, (str, os.PathLike)):
         tensors, meta = read_packed(source)
+        try:
+            check_packed_header(meta, tensors)
+        except PackedFormatError as error:
+            raise PackedFormatError(f"{source}: {error}") from None
         file_bytes, header = os.path.getsize(source), _header_bytes(source)
     else:
         from safetensors.torch import save
@@ -332,8 +546,7 @@ def packed_size_report(source, architecture: dict | None = None) -> dict:
     fields = meta["layer_fields"]
     binary = sum(row[fields.index("weights")] for row in meta["layers"])
     if arch:
-        float_model = build_model(arch["name"], arch["in_channels"], arch["image_size"], arch["num_classes"],
-                                  **arch.get("options", {}))
+        float_model = _build_on_meta(_check_architecture(arch))  # only counted: no memory, no download
         fp32 = 4 * (sum(p.numel() for p in float_model.parameters())
                     + sum(b.numel() for b in float_model.buffers() if b.is_floating_point()))
     else:  # estimate: the original float weights of the packed layers plus the stored floats

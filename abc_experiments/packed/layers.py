@@ -16,9 +16,18 @@ packs padded pixels as −1 and the exact correction Sₘ = Σ over the out-of-b
 (the second form of the same sum: centred counts keep both parts at the output's magnitude).
 
 Layers with groups > 1, a padding mode other than "zeros" or string padding, inputs that are not
-float32 on the CPU, and the ``reference`` path compute the fused float form from the unpacked
-weights instead (same numbers as the float layer). Layers with N = 0 (full-precision activations)
-keep their weights packed in the file and unpack them to float once, at construction.
+on the CPU, and the ``reference`` path compute the fused float form from the unpacked weights
+instead (same numbers as the float layer). Layers with N = 0 (full-precision activations) keep
+their weights packed in the file and unpack them to float once, at construction.
+
+Checks (before any kernel reads memory): every forward refuses an input of the wrong rank, channel
+or feature count, a spatial size smaller than the (dilated) kernel, an integer, bool or complex
+dtype, or a device other than the layer's, with a ``ValueError`` that names the layer, what it got
+and what it expects. float16, bfloat16 and float64 inputs are computed in float32 and the output is
+converted back (the layer's own tensors stay float32 through ``.half()``, ``.to()`` and friends). An
+empty batch returns an empty output of the right shape. ``load_state_dict`` rebuilds every derived
+tensor (unpacked weights, kernel layout, coefficients, border terms) from the loaded values, and
+``state_dict`` holds the folded BatchNorm's scale and shift (``output_scale``, ``output_shift``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.activations import staircase
 from ..nn.layers import ABCConv2d, ABCLinear
 from ..nn.weights import combine
 from . import _ext
@@ -38,59 +48,44 @@ from ._bits import pack_bits, pack_words, unpack_bits
 log = logging.getLogger(__name__)
 
 
-def _staircase(x: Tensor, shifts: Tensor, betas: Tensor) -> Tensor:
-    """Σₙ βₙ Hₙ(x) in the float layer's order of operations (so the results are bit-identical)."""
-    out = None
-    for v, b in zip(shifts.to(x.dtype).unbind(), betas.to(x.dtype).unbind()):
-        term = torch.where(x + v >= 0.5, b, -b)
-        out = term if out is None else out + term
-    return out
-
-
 def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class PackedABCLayer(nn.Module):
     """What the packed conv and linear layers share: the stored tensors, their validation, the
-    unpacked float weight for the reference path and the kernel's weight layout.
+    unpacked float weight for the reference path, the kernel's weight layout, the input checks and
+    the state dict (loading rebuilds every derived tensor).
 
     Persistent buffers: ``weight_bits`` (uint8, M·numel(W) bits, dense, element order (m, *W.shape),
     bit i at bit i % 8 of byte i // 8), ``alphas`` ((M,) per layer or (M, C_out) per channel),
-    ``shifts`` and ``betas`` ((N,), empty for N = 0) and ``bias`` (or None).
+    ``shifts`` and ``betas`` ((N,), empty for N = 0) and ``bias`` (or None); in the state dict also
+    ``output_scale`` and ``output_shift`` where a BatchNorm is folded in.
     """
 
     kind = ""
+    STORED = ("weight_bits", "alphas", "shifts", "betas", "bias")
 
-    def _setup(self, weight_shape, M, N, scope, weight_bits, alphas, shifts, betas, bias):
+    def _setup(self, weight_shape, M, N, scope, weight_bits, alphas, shifts, betas, bias) -> None:
         self.M, self.N, self.scope = int(M), int(N), scope
         self.weight_shape = tuple(int(s) for s in weight_shape)
-        C_out, numel = self.weight_shape[0], math.prod(self.weight_shape)
         if self.M < 1 or self.N < 0:
             raise ValueError(f"bad M = {M} or N = {N}")
         if scope not in ("per_layer", "per_channel"):
             raise ValueError(f"unknown scope {scope!r}")
-        expected = {
-            "weight_bits": (weight_bits, torch.uint8, ((self.M * numel + 7) // 8,)),
-            "alphas": (alphas, torch.float32, (self.M,) if scope == "per_layer" else (self.M, C_out)),
-            "shifts": (shifts, torch.float32, (self.N,)),
-            "betas": (betas, torch.float32, (self.N,)),
-        }
-        if bias is not None:
-            expected["bias"] = (bias, torch.float32, (C_out,))
-        for name, (tensor, dtype, shape) in expected.items():
+        given = {"weight_bits": weight_bits, "alphas": alphas, "shifts": shifts, "betas": betas, "bias": bias}
+        for name, (dtype, shape) in self._stored_shapes(bias is not None).items():
+            tensor = given[name]
             if not isinstance(tensor, Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
                 raise ValueError(f"{self.kind} {name}: expected {dtype} {shape}, got {got}")
             self.register_buffer(name, tensor.detach().clone().contiguous())
         if bias is None:
             self.register_buffer("bias", None)
-        bits = unpack_bits(self.weight_bits, self.M * numel).view(self.M, *self.weight_shape)
-        bases = torch.where(bits, 1.0, -1.0)
-        # Σ αₘ Bₘ exactly as the float layer forms it (reference path, N = 0 layers, fallbacks)
-        self.register_buffer("weight_hat", combine(self.alphas, bases), persistent=False)
-        self.K = numel // C_out
+        self.K = math.prod(self.weight_shape) // self.weight_shape[0]
         self.native = False
+        # the module name in the model (pack_model and load_packed set it): error messages name the layer
+        self.name = ""
         # the output affine of a following BatchNorm folded in (PackedABCConv2d.fold_batchnorm): float64
         # CPU tensors, plain attributes like the kernel's other float64 helpers (see _prepare_kernel)
         self.post_scale: Tensor | None = None
@@ -99,6 +94,31 @@ class PackedABCLayer(nn.Module):
         # None when nothing is folded or the fold was a run-time one (fuse_batchnorm_relu)
         self.folded_batchnorm: str | None = None
         self.relu = False  # a following ReLU done in the kernel (fuse_batchnorm_relu; packed convs only)
+        # bumped whenever a derived tensor is replaced: PackedConvChain's cached programs hold them
+        self.state_version = 0
+
+    def _stored_shapes(self, bias: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of each persistent buffer (fixed by M, N, scope and the weight's shape)."""
+        C_out, numel = self.weight_shape[0], math.prod(self.weight_shape)
+        shapes = {"weight_bits": (torch.uint8, ((self.M * numel + 7) // 8,)),
+                  "alphas": (torch.float32, (self.M,) if self.scope == "per_layer" else (self.M, C_out)),
+                  "shifts": (torch.float32, (self.N,)), "betas": (torch.float32, (self.N,))}
+        if bias:
+            shapes["bias"] = (torch.float32, (C_out,))
+        return shapes
+
+    def _derive(self) -> None:
+        """(Re)build every tensor computed from the stored ones: the unpacked float weight, and the
+        kernel's layout, coefficients and border terms (subclasses); caches emptied."""
+        raise NotImplementedError
+
+    def _unpacked(self) -> tuple[Tensor, Tensor]:
+        """(bits (M, *W.shape) bool, bases ±1 float32) from ``weight_bits``; sets ``weight_hat``."""
+        numel = math.prod(self.weight_shape)
+        bits = unpack_bits(self.weight_bits, self.M * numel).view(self.M, *self.weight_shape)
+        bases = torch.where(bits, 1.0, -1.0)
+        # Σ αₘ Bₘ exactly as the float layer forms it (reference path, N = 0 layers, fallbacks)
+        self.register_buffer("weight_hat", combine(self.alphas, bases), persistent=False)
         return bits, bases
 
     def _prepare_kernel(self, bits: Tensor, bases: Tensor, kh: int, kw: int) -> None:
@@ -145,6 +165,109 @@ class PackedABCLayer(nn.Module):
         isa = _ext.get_isa()
         return None if isa == "reference" else isa
 
+    def _clear_caches(self) -> None:
+        self.state_version += 1
+
+    # ----------------------------------------------------------------------------------- input checks
+
+    def describe(self) -> str:
+        """The layer as error messages name it: kind, module name and geometry."""
+        name = f" {self.name!r}" if self.name else ""
+        return f"packed {self.kind}{name} ({self._geometry()})"
+
+    def _geometry(self) -> str:
+        raise NotImplementedError
+
+    def _check_tensor(self, x, what: str = "input") -> None:
+        """Type, dtype and device of an input (subclasses check its shape)."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{self.describe()}: expected a tensor {what}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.describe()}: expected a floating-point {what} (float32; float16, bfloat16 and "
+                             f"float64 are computed in float32), got {x.dtype}: convert it with .float() (and "
+                             "normalize it as in training)")
+        device = self.weight_bits.device
+        if x.device != device:
+            raise ValueError(f"{self.describe()}: the {what} is on {x.device} but the layer is on {device}: move the "
+                             f"{what} (x.to({str(device)!r})) or the model (model.to(...))")
+
+    # ------------------------------------------------------------------------- dtype and device moves
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cpu() move the buffers; .half() / .double() / .to(dtype) must not change the stored
+        # float32 values (the kernel reads float32, and a rounding would change every output): the
+        # buffers keep their dtype and values, on the new device
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
+        result = super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers.get(name)
+            if moved is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        self._clear_caches()
+        return result
+
+    # ------------------------------------------------------------------------------------- state dict
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.post_scale is not None:
+            # a fold by pack_model is float32 (as the file stores it); a run-time fold float64, as used
+            dtype = torch.float32 if self.folded_batchnorm else torch.float64
+            destination[prefix + "output_scale"] = self.post_scale.to(dtype)
+            destination[prefix + "output_shift"] = self.post_shift.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Load the stored tensors (and a folded BatchNorm's scale and shift, if this layer has one),
+        then rebuild every derived tensor from them. M, N, scope, shape, bias and whether a BatchNorm is
+        folded are fixed when a layer is packed: a state dict that differs there is refused."""
+        errors = len(error_msgs)
+        affine_keys = (prefix + "output_scale", prefix + "output_shift")
+        if not any(prefix + name in state_dict for name in (*self.STORED, "output_scale", "output_shift")):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            if self.post_scale is not None:
+                missing_keys.extend(affine_keys)
+            return  # nothing of this layer loaded: nothing to rebuild
+        affine = None
+        if self.post_scale is not None:
+            present = [key in state_dict for key in affine_keys]
+            missing_keys.extend(key for key, here in zip(affine_keys, present) if not here)
+            if all(present):
+                affine = [state_dict[key] for key in affine_keys]
+                for key, value in zip(affine_keys, affine):
+                    if not isinstance(value, Tensor) or tuple(value.shape) != (self.weight_shape[0],):
+                        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                        error_msgs.append(f"size mismatch for {key}: expected ({self.weight_shape[0]},), got {got}")
+                        affine = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.post_scale is not None:  # ours, not unexpected
+            unexpected_keys[:] = [key for key in unexpected_keys if key not in affine_keys]
+        elif strict and any(key in state_dict for key in affine_keys):
+            error_msgs.append(f"{prefix}output_scale/output_shift: the state has a BatchNorm folded into "
+                              f"{self.describe()}, this model does not")
+        try:  # buffers replaced (assign=True) or converted must still be what the kernel reads
+            for name, (dtype, shape) in self._stored_shapes(self.bias is not None).items():
+                tensor = self._buffers[name]
+                if tuple(tensor.shape) != shape:
+                    raise ValueError(f"{prefix}{name} has shape {tuple(tensor.shape)}, expected {shape}")
+                self._buffers[name] = tensor.to(dtype).contiguous()
+            if affine is not None:
+                scale, shift = (value.detach().to("cpu", torch.float64) for value in affine)
+                if self.folded_batchnorm:  # stored in the file as float32: keep it exactly that
+                    scale, shift = scale.float().double(), shift.float().double()
+                self.post_scale, self.post_shift = scale.contiguous(), shift.contiguous()
+        except ValueError as error:
+            error_msgs.append(str(error))
+        if len(error_msgs) > errors:
+            error_msgs.append(f"{prefix or 'the model'}: a packed layer's M, N, scope, shapes, bias and folded "
+                              "BatchNorm are fixed when it is packed: to load other values, pack the model they come "
+                              "from (pack_model) or load its packed file (load_packed)")
+        self._derive()  # from whatever the buffers now hold: never a mix of old and new
+
+    # -------------------------------------------------------------------------------------- the file
+
     def stored_tensors(self) -> dict[str, Tensor]:
         """The tensors a file keeps for this layer: the persistent buffers, and the scale and shift of a
         BatchNorm that pack_model folded in (float32, exactly as the layer uses them)."""
@@ -157,7 +280,9 @@ class PackedABCLayer(nn.Module):
             stored["output_scale"], stored["output_shift"] = self.post_scale.float(), self.post_shift.float()
         return stored
 
-    def binary_weights(self) -> int:
+    def binary_weight_count(self) -> int:
+        """Returns:
+            the number of binary weights (entries of the float weight, each stored as M bits)."""
         return math.prod(self.weight_shape)
 
 
@@ -178,7 +303,7 @@ class PackedABCConv2d(PackedABCLayer):
             raise ValueError(f"groups = {groups} must divide in_channels = {in_channels} and out_channels = "
                              f"{out_channels}")
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        bits, bases = self._setup(shape, M, N, scope, weight_bits, alphas, shifts, betas, bias)
+        self._setup(shape, M, N, scope, weight_bits, alphas, shifts, betas, bias)
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
@@ -190,14 +315,47 @@ class PackedABCConv2d(PackedABCLayer):
             reasons.append(f"padding_mode = {self.padding_mode!r}")
         if isinstance(self.padding, str):
             reasons.append(f"padding = {self.padding!r}")
-        if self.N > 0 and not reasons:
-            self._prepare_kernel(bits, bases, *self.kernel_size)
-        elif self.N > 0:
+        self._kernel_ok = self.N > 0 and not reasons
+        if self.N > 0 and reasons:
             log.info("packed conv %s: %s has no binary kernel; using the float reference path",
                      self.extra_repr(), ", ".join(reasons))
+        self._derive()
+
+    def _derive(self) -> None:
+        bits, bases = self._unpacked()
+        if self._kernel_ok:
+            self._prepare_kernel(bits, bases, *self.kernel_size)
+        self._clear_caches()
+
+    def _geometry(self) -> str:
+        kh, kw = self.kernel_size
+        return f"{self.in_channels} -> {self.out_channels} channels, {kh}x{kw} kernel"
+
+    def _check_input(self, x) -> None:
+        """Refuse (ValueError) an input this layer cannot compute, before anything reads it."""
+        self._check_tensor(x)
+        if x.dim() != 4:
+            raise ValueError(f"{self.describe()}: expected a 4-d input (batch, {self.in_channels} channels, height, "
+                             f"width), got shape {tuple(x.shape)}" + (" (for one image use x.unsqueeze(0))"
+                                                                      if x.dim() == 3 else ""))
+        self._check_shape(tuple(x.shape))
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        """Channels and spatial size of a 4-d input shape against the layer."""
+        if shape[1] != self.in_channels:
+            raise ValueError(f"{self.describe()}: expected an input with {self.in_channels} channels, got shape "
+                             f"{shape}")
+        if shape[2] < 1 or shape[3] < 1:
+            raise ValueError(f"{self.describe()}: expected a non-empty image, got shape {shape}")
+        if not isinstance(self.padding, str):
+            need = [d * (k - 1) + 1 - 2 * p for k, p, d in zip(self.kernel_size, self.padding, self.dilation)]
+            if shape[2] < need[0] or shape[3] < need[1]:
+                raise ValueError(f"{self.describe()}: expected an input of at least {need[0]}x{need[1]} pixels "
+                                 f"(kernel {self.kernel_size}, padding {self.padding}, dilation {self.dilation}), "
+                                 f"got shape {shape}")
 
     @classmethod
-    def from_abc(cls, layer: ABCConv2d) -> "PackedABCConv2d":
+    def from_abc(cls, layer: ABCConv2d) -> PackedABCConv2d:
         """Pack an eval-mode ABCConv2d (its frozen alphas, bases, shifts, betas and bias)."""
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                    layer.dilation, layer.groups, layer.padding_mode, **_abc_parts(layer))
@@ -232,7 +390,7 @@ class PackedABCConv2d(PackedABCLayer):
     def reference_forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The fused float form conv(Σβₙ Hₙ(x), Σ αₘ Bₘ) + bias (what the float layer computes),
         then the fused output steps (folded BatchNorm, residual, ReLU) if any."""
-        a = _staircase(x, self.shifts, self.betas) if self.N else x
+        a = staircase(x, self.shifts.to(x.dtype), self.betas.to(x.dtype)) if self.N else x
         weight = self.weight_hat.to(x.device, x.dtype)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         if self.padding_mode != "zeros":
@@ -297,9 +455,22 @@ class PackedABCConv2d(PackedABCLayer):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``residual`` (the output's shape; given by :func:`fuse_batchnorm_relu` for a residual
-        addition that follows the layer) is added before the fused ReLU."""
-        isa = self._use_native(x) if x.dim() == 4 else None
-        if isa is None or (residual is not None and not (isinstance(residual, Tensor) and residual.dtype == torch.float32
+        addition that follows the layer) is added before the fused ReLU.
+
+        Raises:
+            ValueError: an input of the wrong rank, channel count, spatial size, dtype or device
+                (see the module docstring); float16, bfloat16 and float64 are computed in float32."""
+        self._check_input(x)
+        if x.dtype != torch.float32:
+            if isinstance(residual, Tensor) and residual.is_floating_point():
+                residual = residual.float()
+            return self._forward_float32(x.float(), residual).to(x.dtype)
+        return self._forward_float32(x, residual)
+
+    def _forward_float32(self, x: Tensor, residual) -> Tensor:
+        isa = self._use_native(x) if x.shape[0] > 0 else None  # an empty batch: F.conv2d's empty output
+        if isa is None or (residual is not None and not (isinstance(residual, Tensor)
+                                                         and residual.dtype == torch.float32
                                                          and residual.device == x.device)):
             return self.reference_forward(x, residual)  # adds a non-tensor "residual" (a number) as the graph did
         op, args = self._operator_args(x.shape[2], x.shape[3], isa)
@@ -327,13 +498,10 @@ class PackedABCConv2d(PackedABCLayer):
         return args
 
     def _clear_caches(self) -> None:
+        # .to() / .cpu(), load_state_dict and a new fold replace the tensors the cached arguments hold
         self._bterms.clear()
         self._calls.clear()
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .cpu() / .float() replace the buffers (_wk, _coef, shifts) the cached arguments hold
-        self._clear_caches()
-        return super()._apply(fn, recurse)
+        super()._clear_caches()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -352,16 +520,30 @@ class PackedABCLinear(PackedABCLayer):
                  alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        bits, bases = self._setup((self.out_features, self.in_features), M, N, scope, weight_bits, alphas, shifts,
-                                  betas, bias)
+        self._setup((self.out_features, self.in_features), M, N, scope, weight_bits, alphas, shifts, betas, bias)
+        self._derive()
+
+    def _derive(self) -> None:
+        bits, bases = self._unpacked()
         if self.N > 0:
             self._prepare_kernel(bits.view(self.M, self.out_features, self.in_features, 1, 1), bases, 1, 1)
             # no padding, so the border term is just the bias
             term = self.bias if self.bias is not None else torch.zeros(self.out_features)
             self.register_buffer("_bterm", term.float().contiguous(), persistent=False)
+        self._clear_caches()
+
+    def _geometry(self) -> str:
+        return f"{self.in_features} -> {self.out_features} features"
+
+    def _check_input(self, x) -> None:
+        """Refuse (ValueError) an input this layer cannot compute, before anything reads it."""
+        self._check_tensor(x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.describe()}: expected an input of shape (..., {self.in_features}), got shape "
+                             f"{tuple(x.shape)}")
 
     @classmethod
-    def from_abc(cls, layer: ABCLinear) -> "PackedABCLinear":
+    def from_abc(cls, layer: ABCLinear) -> PackedABCLinear:
         """Pack an eval-mode ABCLinear."""
         return cls(layer.in_features, layer.out_features, **_abc_parts(layer))
 
@@ -370,12 +552,23 @@ class PackedABCLinear(PackedABCLayer):
                 "M": self.M, "N": self.N, "scope": self.scope, "bias": self.bias is not None}
 
     def reference_forward(self, x: Tensor) -> Tensor:
-        a = _staircase(x, self.shifts, self.betas) if self.N else x
+        a = staircase(x, self.shifts.to(x.dtype), self.betas.to(x.dtype)) if self.N else x
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
         return F.linear(a, self.weight_hat.to(x.device, x.dtype), bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        isa = self._use_native(x) if x.dim() >= 1 else None
+        """The packed layer on ``x`` (..., in_features).
+
+        Raises:
+            ValueError: an input of the wrong feature count, dtype or device; float16, bfloat16 and
+                float64 are computed in float32."""
+        self._check_input(x)
+        if x.dtype != torch.float32:
+            return self._forward_float32(x.float()).to(x.dtype)
+        return self._forward_float32(x)
+
+    def _forward_float32(self, x: Tensor) -> Tensor:
+        isa = self._use_native(x) if x.numel() > 0 else None  # no rows: F.linear's empty output
         if isa is None:
             return self.reference_forward(x)
         lead = x.shape[:-1]

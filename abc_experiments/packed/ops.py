@@ -64,11 +64,3 @@ def packed_conv2d(x: Tensor, wk: Tensor, coef: Tensor, bterm: Tensor, shifts: Te
     _check_shifts(shifts)
     return torch.ops.abc_packed.conv2d(x, wk, coef, bterm, shifts, out_channels, list(kernel), list(stride),
                                        list(padding), list(dilation), float(half_k), _isa_code(isa))
-
-
-def packed_linear(x: Tensor, wk: Tensor, coef: Tensor, bterm: Tensor, shifts: Tensor, out_features: int,
-                  half_k: float, isa: str | None = None) -> Tensor:
-    """Binarize-and-pack ``x`` ((rows, features) float32) and run the binary matrix product."""
-    _check_input(x, 2, "packed_linear")
-    _check_shifts(shifts)
-    return torch.ops.abc_packed.linear(x, wk, coef, bterm, shifts, out_features, float(half_k), _isa_code(isa))

@@ -1,11 +1,16 @@
 // Operator registration (TORCH_LIBRARY "abc_packed") and argument checks for the packed ABC
 // kernels. Tensors come in and go out without copies: inputs must already be contiguous float32
 // (the Python wrappers in abc_experiments/packed/ops.py check them and say what is wrong).
+// Every operator entry checks all of its preconditions (TORCH_CHECK: a RuntimeError in Python)
+// before any kernel reads memory: devices, dtypes, ranks, the input's channel count against the
+// packed weights (K = C_in kh kw = 2 half_k), sizes against the kernel; an empty batch returns an
+// empty output without calling a kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "packed_ops.h"
@@ -43,6 +48,7 @@ at::Tensor pack_nchw_op(const at::Tensor& x, const at::Tensor& shifts, int64_t p
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = shifts.numel();
   const int64_t Wc = (C + 63) / 64, Hp = H + 2 * pad_h, Wp = W + 2 * pad_w;
   at::Tensor out = at::zeros({B, Hp, Wp, N, Wc}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return out;  // nothing to binarize (an empty batch or image): padding stays 0
   PackArgs args{x.data_ptr<float>(), B, C, H, W, shifts.data_ptr<float>(), N, pad_h, pad_w, Hp, Wp, Wc,
                 reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>())};
   pack_nchw(code, args);
@@ -55,10 +61,23 @@ at::Tensor pack_rows_op(const at::Tensor& x, const at::Tensor& shifts, int64_t i
   const Isa code = checked_isa(isa);
   const int64_t R = x.size(0), F = x.size(1), N = shifts.numel(), Wc = (F + 63) / 64;
   at::Tensor out = at::zeros({R, N, Wc}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return out;
   RowPackArgs args{x.data_ptr<float>(), R, F, shifts.data_ptr<float>(), N, Wc,
                    reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>())};
   pack_rows(code, args);
   return out;
+}
+
+// The input's channel count against the layer's: K = C_in kh kw bits per receptive field, which the
+// caller passes as half_k = K / 2 (the word counts alone would accept every C_in that rounds to the
+// same number of 64-bit words).
+void check_channels(const at::Tensor& x, int64_t kh, int64_t kw, double half_k, const char* what) {
+  TORCH_CHECK(std::isfinite(half_k) && half_k > 0, "abc_packed: ", what, ": half_k = ", half_k,
+              " must be K / 2 > 0 (K = C_in * kh * kw)");
+  const double K = 2 * half_k, per_channel = static_cast<double>(kh * kw);
+  TORCH_CHECK(static_cast<double>(x.size(1)) * per_channel == K, "abc_packed: ", what, ": the input has ",
+              x.size(1), " channels (shape ", x.sizes(), ") but the packed weights expect ", K / per_channel,
+              " (K = ", K, " bits for a ", kh, "x", kw, " kernel)");
 }
 
 void check_weights(const at::Tensor& wk, const at::Tensor& coef, int64_t N, int64_t Wc, int64_t kh, int64_t kw,
@@ -84,8 +103,18 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "abc_packed: kernel, stride, padding and dilation need 2 values each");
   const Isa code = checked_isa(isa);
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1,
-              "abc_packed: stride and dilation must be >= 1");
+  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 &&
+                  dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "abc_packed: conv2d: kernel, stride and dilation must be >= 1 and padding >= 0, got kernel ", kernel,
+              ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
+  TORCH_CHECK(out_channels >= 1, "abc_packed: conv2d: out_channels = ", out_channels, " must be >= 1");
+  check_float_input(x, 4, "conv2d input");
+  check_shifts(shifts);
+  check_channels(x, kernel[0], kernel[1], half_k, "conv2d");
+  TORCH_CHECK(x.size(2) + 2 * padding[0] >= dilation[0] * (kernel[0] - 1) + 1 &&
+                  x.size(3) + 2 * padding[1] >= dilation[1] * (kernel[1] - 1) + 1,
+              "abc_packed: conv2d: input ", x.sizes(), " padded by ", padding, " is smaller than the ", kernel,
+              " kernel dilated by ", dilation);
   at::Tensor xp = pack_nchw_op(x, shifts, padding[0], padding[1], isa);
   const int64_t B = x.size(0), C = x.size(1), N = shifts.numel(), Hp = xp.size(1);
   int64_t Wc = xp.size(4), Wp = xp.size(2), kw = kernel[1], dw = dilation[1];
@@ -116,6 +145,7 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
                 ", got ", r.sizes());
     res = r.data_ptr<float>();
   }
+  if (B == 0) return out;  // an empty batch: an empty output, no kernel call
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B, Hp, Wp, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_channels,
                 kh, kw, stride[0], stride[1], dilation[0], dw, OH, OW, coef.data_ptr<float>(),
@@ -128,6 +158,10 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor& coef, const at::Tensor& bterm,
                      const at::Tensor& shifts, int64_t out_features, double half_k, int64_t isa) {
   const Isa code = checked_isa(isa);
+  TORCH_CHECK(out_features >= 1, "abc_packed: linear: out_features = ", out_features, " must be >= 1");
+  check_float_input(x, 2, "linear input");
+  check_shifts(shifts);
+  check_channels(x, 1, 1, half_k, "linear");
   at::Tensor xp = pack_rows_op(x, shifts, isa);
   const int64_t R = x.size(0), N = shifts.numel(), Wc = xp.size(2);
   check_weights(wk, coef, N, Wc, 1, 1, out_features);
@@ -135,6 +169,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
                   bterm.dim() == 1 && bterm.size(0) == out_features,
               "abc_packed: bias term must be a contiguous float32 vector of ", out_features, " entries");
   at::Tensor out = at::empty({R, out_features}, x.options());
+  if (R == 0) return out;  // no rows: an empty output, no kernel call
   // the rows are the positions of a 1 x R image; the output is (R, out_features), channels contiguous
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), 1, 1, R, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_features,
@@ -148,16 +183,19 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
 // graph): at batch 1 the Python and dispatcher work around each layer's call costs as much as a
 // small layer's kernel. Values are numbered: 0 .. inputs-1 the inputs, then one per step, its
 // output. `program`: [steps, outputs, the output values..., then per step kStepInts ints:
-// out_channels, kh, kw, sh, sw, ph, pw, dh, dw, relu, input value, residual value (-1: none)].
+// out_channels, kh, kw, sh, sw, ph, pw, dh, dw, relu, input value, residual value (-1: none),
+// in_channels].
 // `tensors`: per step its wk, coef, bterm, shifts. Returns the output values, in order. Each step
 // is exactly the conv2d operator (same kernel, same arguments), and a value is freed after its
 // last use.
-constexpr int64_t kStepInts = 12;
+constexpr int64_t kStepInts = 13;
 
 std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList tensors, at::IntArrayRef program,
                                         int64_t isa) {
   const int64_t n_in = static_cast<int64_t>(inputs.size());
+  TORCH_CHECK(n_in >= 1, "abc_packed: conv2d_chain: no inputs");
   TORCH_CHECK(program.size() >= 2, "abc_packed: conv2d_chain: empty program");
+  checked_isa(isa);
   const int64_t steps = program[0], n_out = program[1], head = 2 + n_out;
   TORCH_CHECK(steps >= 1 && n_out >= 1 && static_cast<int64_t>(program.size()) == head + steps * kStepInts &&
                   static_cast<int64_t>(tensors.size()) == 4 * steps,
@@ -172,6 +210,8 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t* p = program.data() + head + s * kStepInts;
     TORCH_CHECK(p[10] >= 0, "abc_packed: conv2d_chain: step ", s, " has no input value");
+    TORCH_CHECK(p[12] >= 1 && p[1] >= 1 && p[2] >= 1, "abc_packed: conv2d_chain: step ", s,
+                " has in_channels ", p[12], " and a ", p[1], "x", p[2], " kernel");
     for (int64_t v : {p[10], p[11]}) {
       TORCH_CHECK(v >= -1 && v < n_in + s, "abc_packed: conv2d_chain: step ", s, " reads value ", v,
                   ", which is not computed before it");
@@ -184,9 +224,11 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
     const int64_t* p = program.data() + head + s * kStepInts;
     const at::Tensor& x = value[p[10]];
     TORCH_CHECK(x.defined() && x.dim() == 4, "abc_packed: conv2d_chain: step ", s, " needs a 4-dimensional input");
+    TORCH_CHECK(x.size(1) == p[12], "abc_packed: conv2d_chain: step ", s, " expects ", p[12],
+                " input channels, got shape ", x.sizes());
     c10::optional<at::Tensor> residual;
     if (p[11] >= 0) residual = value[p[11]];
-    const double half_k = static_cast<double>(x.size(1) * p[1] * p[2]) / 2;
+    const double half_k = static_cast<double>(p[12] * p[1] * p[2]) / 2;
     value[n_in + s] = conv2d_op(x, tensors[4 * s], tensors[4 * s + 1], tensors[4 * s + 2], tensors[4 * s + 3],
                                 p[0], {p[1], p[2]}, {p[3], p[4]}, {p[5], p[6]}, {p[7], p[8]}, half_k, isa,
                                 p[9] != 0, residual);
