@@ -9,6 +9,7 @@ one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -49,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
                         help="recalibrate every 'all but this layer' model from scratch (slower) instead of reusing "
                              "the all-converted model's fits")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/sensitivity)")
+    parser.add_argument("--budget", type=float, default=None, metavar="X",
+                        help="also propose per-layer M and N costing X times the run's binary operations (M*N*MACs "
+                             "per layer), printed as an abc.layers override; reuses RUN_DIR/sensitivity/"
+                             "sensitivity.json when there is one")
+    parser.add_argument("--max-bases", type=_positive, default=8, help="the most M or N --budget gives a layer")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="with --budget: measure again even if sensitivity.json exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines stay)")
     return parser
 
@@ -59,20 +67,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     from ..data import DatasetUnavailableError
     from ..runs import RunError, read_run
-    from .measure import layer_sensitivity
-    from .report import OUTPUT_DIR, markdown_table, write_outputs
+    from .budget import propose_assignment
+    from .measure import Sensitivity, layer_sensitivity
+    from .report import JSON_FILE, OUTPUT_DIR, markdown_table, write_outputs
 
+    out_dir = args.out or args.run_dir / OUTPUT_DIR
     try:
-        read_run(args.run_dir)  # refuse a folder that is not a finished run before importing the rest
-        result = layer_sensitivity(args.run_dir, batches=args.batches, device=args.device,
-                                   max_val_images=args.max_val_images, overrides=args.overrides, exact=args.exact,
-                                   progress=not args.no_progress)
+        read_run(args.run_dir)  # refuse a folder that is not a finished run before anything else
+        if args.budget is not None and not args.budget > 0:
+            raise ValueError(f"--budget {args.budget:g}: give a positive multiple of the run's binary operations")
+        measured = out_dir / JSON_FILE
+        if args.budget is not None and measured.is_file() and not args.remeasure:
+            logging.getLogger(PROG).info("using the measurements in %s (--remeasure measures again)", measured)
+            result = Sensitivity.from_dict(json.loads(measured.read_text()))
+        else:
+            result = layer_sensitivity(args.run_dir, batches=args.batches, device=args.device,
+                                       max_val_images=args.max_val_images, overrides=args.overrides,
+                                       exact=args.exact, progress=not args.no_progress)
+            paths = write_outputs(result, out_dir)
+            print(markdown_table(result))
+            print(f"wrote {paths['json']}, {paths['table'].name} and {paths['plot'].name} ({result.seconds:.0f} s)")
+        if args.budget is not None:
+            assignment = propose_assignment(result, args.budget, args.max_bases)
+            print(f"\nper-layer bases for {args.budget:g} x the run's binary operations "
+                  "(greedy on the measured sensitivities; measure it with abc-run):")
+            print(assignment.table())
+            print(assignment.override())
     except (RunError, DatasetUnavailableError, ValueError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
-    paths = write_outputs(result, args.out or args.run_dir / OUTPUT_DIR)
-    print(markdown_table(result))
-    print(f"wrote {paths['json']}, {paths['table'].name} and {paths['plot'].name} ({result.seconds:.0f} s)")
     return 0
 
 
