@@ -385,7 +385,7 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
         only = copy.deepcopy(fp_model)
         _swap(only, name, copy.deepcopy(template.get_submodule(name)))
         only_acc = accuracy(calibrated(only)[0], f"sensitivity: only {name}")
-        bar.update(1, layer=name)
+        bar.update(1, model=f"only {name}")
         if count == 1:
             all_but_acc = fp_acc  # nothing converted: the FP model itself
         else:
@@ -397,7 +397,7 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
                 with _eval(all_but), torch.no_grad():
                     recalibrate_batchnorm(all_but, inputs)
             all_but_acc = accuracy(all_but, f"sensitivity: all but {name}")
-        bar.update(1, layer=name)
+        bar.update(1, model=f"all but {name}")
         layer = LayerSensitivity(
             name=name, kind=type(abc_layer).__name__, M=abc_layer.M, N=abc_layer.N, macs=macs.get(name, 0),
             weight_error=abc_layer.weight_error(), activation_error=abc_layer.activation_error(),

@@ -75,8 +75,8 @@ def plot(result: Sensitivity, path: Path) -> Path:
 
     names = [layer.name for layer in result.layers]
     x = list(range(len(names)))
-    width = max(6.0, 0.45 * len(names) + 2.5)
-    fig = Figure(figsize=(width, 6.4), dpi=120)
+    width = max(11.0, 0.45 * len(names) + 2.5)  # the legends above the panels need 11 inches
+    fig = Figure(figsize=(width, 6.8), dpi=120)
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.1, 1]})
     drops = [layer.only_drop(result.fp_acc) for layer in result.layers]
@@ -89,9 +89,9 @@ def plot(result: Sensitivity, path: Path) -> Path:
     se = _standard_error(result.fp_acc, result.val_images)
     top.axhspan(-se, se, color="grey", alpha=0.15, linewidth=0, label=f"± 1 standard error ({se:.1f} pp)")
     top.set_ylabel("validation accuracy (points)")
-    top.set_title(f"{result.model} on {result.dataset}, ABC(M={result.M}, N={result.N}): FP {result.fp_acc:.1f}%, "
-                  f"all converted {result.all_acc:.1f}% ({result.val_images} val images)", fontsize=10)
-    top.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{result.model} on {result.dataset}, ABC(M={result.M}, N={result.N}): FP {result.fp_acc:.1f}%, "
+                 f"all converted {result.all_acc:.1f}% ({result.val_images} val images)", fontsize=10)
+    top.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     bottom.plot(x, [layer.output_error for layer in result.layers], "o-", color="black",
                 label="output error (all converted vs FP)")
     bottom.plot(x, [layer.inherited_error for layer in result.layers], "o--", color="grey",
@@ -103,7 +103,8 @@ def plot(result: Sensitivity, path: Path) -> Path:
                     label="activation error")
     bottom.set_ylabel("relative error")
     bottom.set_ylim(bottom=0)
-    bottom.legend(fontsize=8, loc="best")
+    bottom.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
+    bottom.set_xlim(-0.7, max(len(names), 4) - 0.3)  # a few layers keep bars of the usual width
     bottom.set_xticks(x)
     bottom.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     bottom.set_xlabel("converted layer (forward order)")
