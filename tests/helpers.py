@@ -27,7 +27,8 @@ def cli_command(name: str = "abc-run") -> list[str]:
     """How to start a console script: the one installed next to this Python, if there."""
     script = Path(sys.executable).parent / name
     module = {"abc-run": "abc_experiments.cli", "abc-report": "abc_experiments.report",
-              "abc-eval": "abc_experiments.runs", "abc-export": "abc_experiments.export"}.get(name)
+              "abc-eval": "abc_experiments.runs", "abc-export": "abc_experiments.export",
+              "abc-sensitivity": "abc_experiments.sensitivity"}.get(name)
     return [str(script)] if script.exists() or module is None else [sys.executable, "-m", module]
 
 
