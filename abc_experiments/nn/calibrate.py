@@ -64,7 +64,7 @@ def _collect_inputs(model: nn.Module, layer: nn.Module, inputs: list[Tensor], pe
 def recalibrate_batchnorm(model: nn.Module, inputs: list[Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics (cumulative average) on ``inputs``, so the
     normalisation matches the converted layers' outputs. Returns the number of BatchNorm layers."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _batchnorms(model)
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -80,6 +80,86 @@ def recalibrate_batchnorm(model: nn.Module, inputs: list[Tensor]) -> int:
     return len(norms)
 
 
+ONE_PASS_INPUT_BYTES = 256 << 20
+"""The largest calibration input (all batches together, in bytes) that ``method="auto"`` runs as
+one pass; larger inputs run layer by layer, one batch at a time."""
+
+METHODS = ("auto", "one_pass", "layerwise")
+
+
+def _calibrate_layer(layer: ABCLayer, values: Tensor, max_samples: int, iterations: int,
+                     generator: torch.Generator) -> float | None:
+    """Fit ``layer``'s shifts and betas to a random sample of ``values`` (its inputs), fold the fitted
+    input offset into its bias; returns its relative activation error."""
+    values = values.detach().flatten()
+    if values.numel() > max_samples:
+        values = values[torch.randint(values.numel(), (max_samples,), generator=generator).to(values.device)]
+    layer.absorb_input_offset(layer.activation_binarizer.calibrate(values.float().cpu(), iterations))
+    return layer.activation_error()
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _one_pass(model: nn.Module, layers: list[tuple[str, ABCLayer]], inputs: list[Tensor], *, max_samples: int,
+              iterations: int, batchnorm: bool, batchnorm_in_pass: bool, generator: torch.Generator,
+              progress: Callable[[str], None] | None) -> dict[str, float]:
+    """Calibrate every layer in ONE forward pass over all calibration inputs at once: a pre-hook fits
+    each ABC layer when its input arrives, so it is fitted on what the already calibrated layers
+    before it produce. With ``batchnorm`` and ``batchnorm_in_pass`` every BatchNorm runs in training
+    mode with a cumulative average (momentum None) after a reset, so it normalises with, and keeps as
+    running statistics, the statistics of its input in the converted network, and each layer after
+    it is fitted on them; with ``batchnorm`` alone they are re-estimated after the pass."""
+    names = {id(layer): name for name, layer in layers}
+    errors: dict[str, float] = {}
+
+    def fit_on_arrival(module: nn.Module, args: tuple) -> None:
+        name = names[id(module)]
+        if name not in errors:  # a module called twice is fitted on its first input
+            errors[name] = _calibrate_layer(module, args[0], max_samples, iterations, generator)
+            if progress is not None:
+                progress(name)
+
+    norms = _batchnorms(model) if batchnorm and batchnorm_in_pass else []
+    momenta = [norm.momentum for norm in norms]
+    hooks = [layer.register_forward_pre_hook(fit_on_arrival) for _, layer in layers]
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        model(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+            norm.eval()
+    if batchnorm and not batchnorm_in_pass:
+        recalibrate_batchnorm(model, inputs)
+    return errors
+
+
+def _layerwise(model: nn.Module, layers: list[tuple[str, ABCLayer]], inputs: list[Tensor], *, max_samples: int,
+               iterations: int, batchnorm: bool, batchnorm_in_pass: bool, generator: torch.Generator,
+               progress: Callable[[str], None] | None) -> dict[str, float]:
+    """Calibrate the layers one at a time in forward order, each on a sample of its inputs collected
+    batch by batch through the network up to it (memory of one batch; time grows with the square of
+    the depth); BatchNorm statistics are re-estimated once at the end (``batchnorm_in_pass`` does not
+    apply)."""
+    errors = {}
+    per_batch = max(1, max_samples // len(inputs))
+    for name, layer in _forward_order(model, layers, inputs[0]):
+        samples = _collect_inputs(model, layer, inputs, per_batch, generator)
+        errors[name] = _calibrate_layer(layer, samples, max_samples, iterations, generator)
+        if progress is not None:
+            progress(name)
+    if batchnorm:
+        recalibrate_batchnorm(model, inputs)
+    return errors
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -90,36 +170,59 @@ def calibrate(
     batchnorm: bool = True,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    method: str = "auto",
+    batchnorm_in_pass: bool = False,
 ) -> dict[str, float]:
     """Initialise each ABC layer's shifts vₙ and betas βₙ from the distribution of its real inputs.
 
-    Layers are calibrated one at a time in forward order, each on inputs that flow through the
-    already calibrated layers before it (so later layers see the quantized network they will run
-    in). Each layer fits a sample of at most ``max_samples`` input values with
+    Layers are calibrated in forward order, each on inputs that flow through the already calibrated
+    layers before it (so later layers see the quantized network they will run in). Each layer fits a
+    sample of at most ``max_samples`` input values with
     :func:`~abc_experiments.nn.activations.fit_activation_bases` (Lloyd–Max thresholds, betas and an
-    input offset by least squares) and folds the offset into its bias. With ``batchnorm``,
-    BatchNorm running statistics are then re-estimated on the same batches. ``batches`` yields input tensors or
-    (input, target) pairs, e.g. a few batches of a training DataLoader. Returns the relative
-    activation error ‖R − c − ΣβA‖/‖R‖ per layer. ``progress(name)`` is called after each layer.
+    input offset by least squares) and folds the offset into its bias. With ``batchnorm``, BatchNorm
+    running statistics are re-estimated on the same inputs.
+
+    Arguments:
+        model: a converted model (its ABC layers are changed in place).
+        batches: input tensors or (input, target) pairs, e.g. a few batches of a training DataLoader.
+        max_samples: input values sampled per layer for the fit.
+        iterations: Lloyd–Max iterations per layer.
+        batchnorm: re-estimate BatchNorm statistics.
+        seed: seed of the sampling.
+        progress: called with a layer's name after it is calibrated.
+        method: ``"one_pass"``: one forward pass over all batches at once, each layer fitted as its
+            input arrives (time of one forward pass; memory of all batches at once);
+            ``"layerwise"``: batch by batch, re-running the network up to each layer (memory of one
+            batch; time grows with depth squared); ``"auto"``: one pass when all inputs together
+            take at most :data:`ONE_PASS_INPUT_BYTES`. Both fit the same bases.
+        batchnorm_in_pass: with ``"one_pass"``, re-estimate each BatchNorm during the pass, so the
+            layers after it are fitted on the statistics the calibrated model will use (otherwise,
+            and always with ``"layerwise"``, the BatchNorms are re-estimated after every layer is
+            fitted, on the FP statistics).
+
+    Returns:
+        The relative activation error ‖R − c − ΣβA‖/‖R‖ per calibrated layer, in forward order.
     """
+    if method not in METHODS:
+        raise ValueError(f"calibrate: method must be one of {', '.join(METHODS)} (got {method!r})")
     device = next(model.parameters()).device
     inputs = _inputs(batches, device)
+    if method == "auto":
+        size = sum(x.numel() * x.element_size() for x in inputs)
+        method = "one_pass" if size <= ONE_PASS_INPUT_BYTES else "layerwise"
     was_training = model.training
     model.eval()
     try:
         layers = [(name, layer) for name, layer in abc_layers(model) if layer.N > 0]
-        errors = {}
-        if layers:
-            generator = torch.Generator().manual_seed(seed)
-            per_batch = max(1, max_samples // len(inputs))
-            for name, layer in _forward_order(model, layers, inputs[0]):
-                samples = _collect_inputs(model, layer, inputs, per_batch, generator)
-                layer.absorb_input_offset(layer.activation_binarizer.calibrate(samples, iterations))
-                errors[name] = layer.activation_error()
-                if progress is not None:
-                    progress(name)
-        if batchnorm:
-            recalibrate_batchnorm(model, inputs)
+        options = dict(max_samples=max_samples, iterations=iterations, batchnorm=batchnorm,
+                       batchnorm_in_pass=batchnorm_in_pass, generator=torch.Generator().manual_seed(seed),
+                       progress=progress)
+        if method == "one_pass":
+            return _one_pass(model, layers, inputs, **options)
+        if not layers:
+            if batchnorm:
+                recalibrate_batchnorm(model, inputs)
+            return {}
+        return _layerwise(model, layers, inputs, **options)
     finally:
         model.train(was_training)
-    return errors
