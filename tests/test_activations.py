@@ -9,8 +9,10 @@ from helpers import bucket_case, run_kernel
 
 from abc_experiments.cpp_build import openmp_flags
 from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
-from abc_experiments.nn import activations
-from abc_experiments.nn.activations import _Kernels, staircase
+from abc_experiments.nn import activations, staircase_dispatch, staircase_reference
+from abc_experiments.nn.staircase_bucket import bucket_supported, bucket_tables
+from abc_experiments.nn.staircase_dispatch import _Kernels, resolve_kernel
+from abc_experiments.nn.staircase_reference import staircase
 from abc_experiments.nn.native import native_available, native_error
 
 
@@ -38,7 +40,7 @@ def make_input(n=4000, seed=0):
 @pytest.mark.parametrize("N", [1, 2, 3, 5])
 def test_forward_and_ste_gradients_match_numpy(N, chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(activations, "CHUNK", chunk)
+        monkeypatch.setattr(staircase_reference, "CHUNK", chunk)
     act = ActivationBinarizer(N).double()
     with torch.no_grad():
         act.shifts.copy_(torch.linspace(-0.5, 0.5, N) if N > 1 else torch.tensor([0.25]))
@@ -138,7 +140,7 @@ def test_bucket_kernel_matches_the_eager_reference(dtype, seed):
     N = seed % 6 + 1
     x, shifts, betas = bucket_case(N, dtype, seed)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
-    assert activations._lut_supported(x)  # the table path, not the small-input fallback
+    assert bucket_supported(x)  # the table path, not the small-input fallback
     bucket = run_kernel("bucket", x, shifts, betas, g)
     eager = run_kernel("eager", x, shifts, betas, g)
     assert torch.equal(bucket[0], eager[0])  # values: bit for bit, boundaries included
@@ -162,9 +164,9 @@ def test_bucket_kernel_detects_a_wrong_table(monkeypatch):
     """The comparison above can fail: a table off by one bucket is caught."""
     x, shifts, betas = bucket_case(3, torch.float32, 0)
     g = torch.ones_like(x)
-    tables = activations.bucket_tables(shifts, betas, x.dtype)
+    tables = bucket_tables(shifts, betas, x.dtype)
     broken = dict(tables, level=torch.roll(tables["level"], 1))
-    monkeypatch.setattr(activations, "bucket_tables", lambda *args: broken)
+    monkeypatch.setattr(staircase_dispatch, "bucket_tables", lambda *args: broken)
     assert not torch.equal(run_kernel("bucket", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
 
 
@@ -216,7 +218,7 @@ def check_against_eager(kernel, x, shifts, betas, g, N):
 def test_native_kernel_matches_the_eager_reference(dtype, N):
     x, shifts, betas = bucket_case(N, dtype, N + 10)  # thresholds, window edges, duplicates, ±0, ±inf
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(N)).to(dtype)
-    assert activations.resolve_kernel("native", x, shifts, betas) == "native"
+    assert resolve_kernel("native", x, shifts, betas) == "native"
     got = check_against_eager("native", x, shifts, betas, g, N)
     if dtype == torch.float32:  # the reference sums grad_x in the same order: exact everywhere
         assert torch.equal(got[1], run_kernel("eager", x, shifts, betas, g)[1])
@@ -264,10 +266,10 @@ def test_native_kernel_runs_on_torch_threads_with_the_same_results():
 @needs_native
 def test_auto_resolves_to_native_on_the_cpu_and_to_bucket_elsewhere():
     x, shifts, betas = torch.rand(64), torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "native"
-    assert activations.resolve_kernel("auto", x.double(), shifts.double(), betas.double()) == "bucket"
-    assert activations.resolve_kernel("auto", torch.rand(8, 8).t(), shifts, betas) == "bucket"  # not contiguous
-    assert activations.resolve_kernel("bucket", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "native"
+    assert resolve_kernel("auto", x.double(), shifts.double(), betas.double()) == "bucket"
+    assert resolve_kernel("auto", torch.rand(8, 8).t(), shifts, betas) == "bucket"  # not contiguous
+    assert resolve_kernel("bucket", x, shifts, betas) == "bucket"
     act = ActivationBinarizer(2)
     x = torch.rand(2, 3, 4, 4, requires_grad=True)
     act(x).sum().backward()  # through the module with the default kernel
@@ -275,10 +277,10 @@ def test_auto_resolves_to_native_on_the_cpu_and_to_bucket_elsewhere():
 
 
 def test_native_unavailable_falls_back_to_bucket(monkeypatch):
-    monkeypatch.setattr(activations, "native_available", lambda: False)
+    monkeypatch.setattr(staircase_dispatch, "native_available", lambda: False)
     x, shifts, betas = bucket_case(3, torch.float32, 1)
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"
-    assert activations.resolve_kernel("native", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "bucket"
+    assert resolve_kernel("native", x, shifts, betas) == "bucket"
     g = torch.ones_like(x)
     assert torch.equal(run_kernel("auto", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
 
@@ -297,4 +299,4 @@ def test_a_failed_native_build_warns_once_and_auto_uses_bucket(monkeypatch):
     assert len(record) == 1 and "Ninja is required" in str(record[0].message)
     assert isinstance(native.native_error(), RuntimeError)
     x, shifts, betas = torch.rand(100), torch.tensor([0.1]), torch.tensor([0.5])
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "bucket"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # a whole (tiny) resnet20 run, shared by every te
 def test_load_run_and_abc_eval_reproduce_the_finetuned_accuracy_exactly(finished_run):
     summary = read_summary(finished_run)
     model = load_run(finished_run)
-    assert not model.training and any(layer.bias_added for _, layer in abc_layers(model))
+    assert not model.training and any(layer.bias_from_calibration for _, layer in abc_layers(model))
     result = evaluate_run(finished_run)
     assert result["acc"] == summary["finetuned"]["acc"] and result["loss"] == pytest.approx(summary["finetuned"]["loss"])
     assert result["images"] == summary["finetuned"]["test_size"] == 359 and result["images_per_s"] > 0

@@ -63,7 +63,15 @@ def _collect_inputs(model: nn.Module, layer: nn.Module, inputs: list[Tensor], pe
 
 def recalibrate_batchnorm(model: nn.Module, inputs: list[Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics (cumulative average) on ``inputs``, so the
-    normalisation matches the converted layers' outputs. Returns the number of BatchNorm layers."""
+    normalisation matches the converted layers' outputs.
+
+    Args:
+        model: the model (left in its BatchNorms' eval mode).
+        inputs: model input batches, on the model's device.
+
+    Returns:
+        The number of BatchNorm layers re-estimated.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for norm in norms:
@@ -99,8 +107,19 @@ def calibrate(
     :func:`~abc_experiments.nn.activations.fit_activation_bases` (Lloyd–Max thresholds, betas and an
     input offset by least squares) and folds the offset into its bias. With ``batchnorm``,
     BatchNorm running statistics are then re-estimated on the same batches. ``batches`` yields input tensors or
-    (input, target) pairs, e.g. a few batches of a training DataLoader. Returns the relative
-    activation error ‖R − c − ΣβA‖/‖R‖ per layer. ``progress(name)`` is called after each layer.
+    (input, target) pairs, e.g. a few batches of a training DataLoader.
+
+    Args:
+        model: a converted model (its train/eval mode is restored afterwards).
+        batches: input tensors or (input, target) pairs.
+        max_samples: the most input values fitted per layer.
+        iterations: the most Lloyd–Max alternations per layer.
+        batchnorm: re-estimate the BatchNorm statistics afterwards.
+        seed: seeds the choice of sampled values.
+        progress: called with each layer's name once it is calibrated.
+
+    Returns:
+        The relative activation error ‖R − c − ΣβA‖/‖R‖ per calibrated layer name.
     """
     device = next(model.parameters()).device
     inputs = _inputs(batches, device)
