@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 # The smallest useful run on the bundled digits: seconds on a CPU.
@@ -54,6 +53,9 @@ def read_summary_after(function, cfg, run_dir):
 
 
 def scalar_tags(event_dir: Path) -> set[str]:
+    # imported here: test_packed*.py import this module where only torch and pytest may be installed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     return set(EventAccumulator(str(event_dir)).Reload().Tags()["scalars"])
 
 
