@@ -62,8 +62,7 @@ def _add_calibration_biases(model: nn.Module, state: dict) -> None:
     room for it before loading the state."""
     for name, layer in abc_layers(model):
         if layer.bias is None and f"{name}.bias" in state:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-            layer.bias_added = True
+            layer.add_calibration_bias()
 
 
 def model_from_summary(summary: RunSummary) -> nn.Module:

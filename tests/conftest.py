@@ -1,4 +1,5 @@
-"""Fixtures: composing abc-run's configs in tmp_path. Shared helpers are in helpers.py."""
+"""Fixtures: composing abc-run's configs in tmp_path; the hooks behind ``helpers.RunIf``. Shared
+helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 import abc_experiments.config  # noqa: F401  (registers the schema and resolvers)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "run_if(**conditions): skipped where a condition fails (use helpers.RunIf)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: RunIf(cuda=True) tests are picked by -m cuda
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(mark.kwargs.get("cuda") or mark.kwargs.get("min_gpus") for mark in item.iter_markers("run_if")):
+            item.add_marker(pytest.mark.cuda)
+
+
+def pytest_runtest_setup(item):
+    """Skip a test whose RunIf conditions fail here, with the first reason (checked once per condition)."""
+    from helpers import skip_reason
+
+    for mark in item.iter_markers("run_if"):
+        for condition, value in mark.kwargs.items():
+            reason = skip_reason(condition, value)
+            if reason:
+                pytest.skip(reason)
 
 
 @pytest.fixture

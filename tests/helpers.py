@@ -1,18 +1,22 @@
-"""Helpers shared by the test modules: tiny run settings, running ``abc-run`` in a subprocess,
-reading what a run wrote, and interrupting a run mid-stage. Fixtures live in conftest.py."""
+"""Helpers shared by the test modules: :func:`RunIf` (every skip condition), tiny run settings,
+running ``abc-run`` in a subprocess, reading what a run wrote, interrupting a run mid-stage, and the
+kernel comparisons (:func:`rel_err`, :func:`check_against_eager`). Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 # The smallest useful run on the bundled digits: seconds on a CPU.
@@ -50,6 +54,9 @@ def read_summary_after(function, cfg, run_dir):
 
 
 def scalar_tags(event_dir: Path) -> set[str]:
+    # imported here: test_packed*.py import this module where only torch and pytest may be installed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     return set(EventAccumulator(str(event_dir)).Reload().Tags()["scalars"])
 
 
@@ -84,9 +91,112 @@ def interrupt_at(monkeypatch, stage_steps: int):
     monkeypatch.setattr(pipeline, "build_model", build_with_signal)
 
 
+# ---- skip conditions ---------------------------------------------------------------------------
+# The pip extra that brings an optional module (the skip reason names it).
+EXTRA_OF = {"onnx": "export", "onnxscript": "export", "onnxruntime": "export", "hydra_plugins": "cluster"}
+
+
+def RunIf(*, cuda: bool = False, min_gpus: int = 0, cpp_compiler: bool = False, native_kernels: bool = False,
+          packed_kernels: bool = False, packed_isa: str | None = None, avx512: bool = False, onnx: bool = False,
+          modules: tuple[str, ...] = (), platform: str | None = None) -> pytest.MarkDecorator:
+    """The one way a test says what it needs; it is skipped, with the reason, where that is missing
+    (in the spirit of lightning-hydra-template's ``RunIf``)::
+
+        @RunIf(cuda=True)
+        def test_on_the_gpu(): ...
+
+        @pytest.mark.parametrize("isa", [pytest.param(isa, marks=RunIf(packed_isa=isa)) for isa in ISAS])
+
+    The conditions are checked when the test is set up (conftest.py), not at collection: collecting
+    never builds a C++ extension. ``cuda``/``min_gpus`` also add the ``cuda`` marker (``-m cuda``).
+
+    Args:
+        cuda: needs a CUDA GPU.
+        min_gpus: needs at least this many CUDA GPUs.
+        cpp_compiler: needs a C++ compiler ($CXX, c++, g++ or clang++), as ``torch.compile`` does.
+        native_kernels: needs the native C++ activation kernels (``abc_experiments.nn.native``) built.
+        packed_kernels: needs the packed C++ extension (``abc_experiments.packed``) built.
+        packed_isa: needs this packed kernel path to run here (``"reference"`` runs everywhere).
+        avx512: needs a CPU with the AVX-512 instructions the packed kernels use.
+        onnx: needs the ONNX exporter and runtime (the ``export`` extra).
+        modules: needs these modules importable.
+        platform: runs only where ``sys.platform`` starts with this (``"linux"``, ``"darwin"``, ``"win"``).
+
+    Returns:
+        A ``run_if`` marker holding the conditions.
+    """
+    conditions = dict(cuda=cuda, min_gpus=min_gpus, cpp_compiler=cpp_compiler, native_kernels=native_kernels,
+                      packed_kernels=packed_kernels, packed_isa=packed_isa, avx512=avx512, onnx=onnx,
+                      modules=tuple(modules), platform=platform)
+    conditions = {name: value for name, value in conditions.items() if value}
+    if not conditions:
+        raise ValueError("RunIf needs at least one condition, e.g. RunIf(cuda=True)")
+    return pytest.mark.run_if(**conditions)
+
+
+def _missing_module(name: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        found = False
+    if found:
+        return None
+    extra = EXTRA_OF.get(name.split(".")[0])
+    return f"needs {name} ({f'pip install -e .[{extra}]' if extra else 'not installed'})"
+
+
+def _packed_isa_missing(isa: str) -> str | None:
+    from abc_experiments import packed
+    from abc_experiments.packed import _ext
+
+    if isa == "reference":
+        return None
+    if not packed.extension_available():
+        return f"the packed C++ extension is unavailable: {packed.extension_error()}"
+    if isa not in _ext.runnable_isas():
+        return f"this CPU cannot run the packed {isa} kernels (it runs {', '.join(packed.cpu_isas())})"
+    return None
+
+
+@functools.cache
+def skip_reason(condition: str, value) -> str | None:
+    """Why the test cannot run here under one :func:`RunIf` condition; None if it can (cached)."""
+    if condition == "cuda":
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
+    if condition == "min_gpus":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return None if count >= value else f"needs {value} CUDA GPU(s), found {count}"
+    if condition == "cpp_compiler":
+        names = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+        return None if any(name and shutil.which(name) for name in names) else \
+            "needs a C++ compiler (set CXX or install g++ or clang++)"
+    if condition == "native_kernels":
+        from abc_experiments.nn.native import native_available, native_error
+
+        return None if native_available() else f"the native activation kernels are unavailable: {native_error()}"
+    if condition == "packed_kernels":
+        from abc_experiments import packed
+
+        return None if packed.extension_available() else \
+            f"the packed C++ extension is unavailable: {packed.extension_error()}"
+    if condition == "packed_isa":
+        return _packed_isa_missing(value)
+    if condition == "avx512":
+        return _packed_isa_missing("avx512")
+    if condition == "onnx":
+        return _missing_module("onnxscript") or _missing_module("onnxruntime")
+    if condition == "modules":
+        return next((reason for reason in map(_missing_module, value) if reason), None)
+    if condition == "platform":
+        return None if sys.platform.startswith(value) else f"runs on {value} only (this is {sys.platform})"
+    raise ValueError(f"unknown RunIf condition {condition!r}")
+
+
 # ---- ABC layers and activation kernels --------------------------------------------------------
-def max_relative_error(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out − ref| / max |ref|, the largest error relative to the largest reference value
+    (max |ref| floored at 1e-12, so two all-zero tensors agree)."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def random_conv_case(seed):
@@ -131,9 +241,47 @@ def bucket_case(N, dtype, seed):
 
 
 def run_kernel(kernel, x, shifts, betas, g):
+    """(values, grad_x, grad_shifts, grad_betas) of the staircase through ``kernel``, upstream gradient ``g``."""
     x, shifts, betas = (t.clone().requires_grad_() for t in (x, shifts, betas))
-    from abc_experiments.nn import activations
+    from abc_experiments.nn.staircase_dispatch import staircase_ste
 
-    out = activations._StaircaseSTE.apply(x, shifts, betas, kernel)
+    out = staircase_ste(x, shifts, betas, kernel)
     out.backward(g)
     return out.detach(), x.grad, shifts.grad, betas.grad
+
+
+def reference_grads_float64(x, g, shifts, betas):
+    """STE gradients from the reference's own predicates (x + v rounded in x's dtype), summed in
+    float64: the ground truth every kernel is held to."""
+    y = x.unsqueeze(0) + shifts.view(-1, *([1] * x.dim()))  # rounded as the kernels round it
+    up = torch.where(y >= 0.5, 1.0, -1.0).double()
+    active = ((y >= 0) & (y <= 1)).double()
+    g64, b64 = g.double(), betas.double()
+    grad_x = (active * b64.view(-1, *([1] * x.dim()))).sum(0) * g64
+    grad_shifts = b64 * (active * g64).flatten(1).sum(1)
+    grad_betas = (up * g64).flatten(1).sum(1)
+    return grad_x, grad_shifts, grad_betas
+
+
+def check_against_eager(kernel, x, shifts, betas, g):
+    """``kernel`` against the eager reference: values bit for bit (and the dtypes); the gradients of
+    both against the float64 truth within a few roundings of the output dtype, scaled by what they
+    sum ((N + 2)·eps·scale: any summation order passes, a wrong bucket or window does not); grad_x
+    bit for bit where a single STE window holds the element. Returns the kernel's results."""
+    got = run_kernel(kernel, x, shifts, betas, g)
+    eager = run_kernel("eager", x, shifts, betas, g)
+    assert torch.equal(got[0], eager[0]), kernel
+    assert got[0].dtype == x.dtype and all(a.dtype == b.dtype for a, b in zip(got[1:], eager[1:]))
+    truth = reference_grads_float64(x, g, shifts, betas)
+    tolerance = (shifts.numel() + 2) * torch.finfo(x.dtype).eps
+    scale_x = betas.double().abs().sum() * g.double().abs()
+    scale_sums = (betas.double().abs().max() + 1) * g.double().abs().sum()
+    for name, expected, scale, *values in zip(("x", "shifts", "betas"), truth, (scale_x, scale_sums, scale_sums),
+                                              got[1:], eager[1:]):
+        for which, value in zip((kernel, "eager"), values):
+            error = (value.double() - expected).abs()
+            assert (error <= tolerance * scale + 1e-30).all(), (name, which, error.max().item())
+    y = x.flatten().unsqueeze(0) + shifts.view(-1, 1)
+    single = ((y >= 0) & (y <= 1)).sum(0) == 1
+    assert torch.equal(got[1].flatten()[single], eager[1].flatten()[single]), kernel
+    return got

@@ -1,17 +1,24 @@
-"""Activation bases and their straight-through gradients against a numpy reference."""
+"""Activation bases and their straight-through gradients against a numpy reference, and every
+staircase kernel against the eager reference (values bit for bit, gradients against float64)."""
 
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from helpers import bucket_case, run_kernel
+from helpers import RunIf, bucket_case, check_against_eager, run_kernel
 
 from abc_experiments.cpp_build import openmp_flags
-from abc_experiments.nn import ActivationBinarizer, fit_activation_bases, heaviside_bases
-from abc_experiments.nn import activations
-from abc_experiments.nn.activations import _Kernels, staircase
-from abc_experiments.nn.native import native_available, native_error
+from abc_experiments.nn import (
+    ActivationBinarizer,
+    fit_activation_bases,
+    heaviside_bases,
+    staircase_dispatch,
+    staircase_reference,
+)
+from abc_experiments.nn.staircase_bucket import bucket_supported, bucket_tables
+from abc_experiments.nn.staircase_dispatch import KERNELS, _Kernels, resolve_kernel, staircase_ste
+from abc_experiments.nn.staircase_reference import staircase, staircase_grad
 
 
 def np_forward(r, v, beta):
@@ -38,7 +45,7 @@ def make_input(n=4000, seed=0):
 @pytest.mark.parametrize("N", [1, 2, 3, 5])
 def test_forward_and_ste_gradients_match_numpy(N, chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(activations, "CHUNK", chunk)
+        monkeypatch.setattr(staircase_reference, "CHUNK", chunk)
     act = ActivationBinarizer(N).double()
     with torch.no_grad():
         act.shifts.copy_(torch.linspace(-0.5, 0.5, N) if N > 1 else torch.tensor([0.25]))
@@ -65,6 +72,8 @@ def test_bases_are_exactly_plus_minus_one_and_initial_shifts_differ():
     assert ActivationBinarizer(1).shifts.tolist() == [0.0]
 
 
+@pytest.mark.slow  # torch.compile of both kernels: minutes on 2 cores
+@RunIf(cpp_compiler=True)
 def test_compiled_kernels_match_eager(monkeypatch):
     monkeypatch.setattr(_Kernels, "compiled", None)  # compile afresh, and leave no fallback behind
     eager, compiled = ActivationBinarizer(3), ActivationBinarizer(3, kernel="compiled")
@@ -73,14 +82,14 @@ def test_compiled_kernels_match_eager(monkeypatch):
     outputs, grads = [], []
     for act in (eager, compiled):
         x = r.clone().requires_grad_()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a machine without a compiler falls back to eager
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             out = act(x)
         out.pow(2).sum().backward()
         outputs.append(out.detach())
         grads.append((x.grad, act.shifts.grad, act.betas.grad))
-    if _Kernels.compiled[0] is staircase:
-        pytest.skip("torch.compile is unavailable here (no C++ compiler): the eager fallback ran")
+    # with a C++ compiler here, torch.compile must really have run (not the eager fallback)
+    assert _Kernels.compiled[0] is not staircase, [str(w.message) for w in caught]
     torch.testing.assert_close(outputs[0], outputs[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -119,52 +128,23 @@ def test_bad_N_is_a_value_error(bad_N):
         ActivationBinarizer(bad_N)
 
 
-def reference_grads_float64(x, g, shifts, betas):
-    """STE gradients from the reference's own predicates (x + v rounded in x's dtype), summed in
-    float64: the ground truth both kernels are held to."""
-    y = x.unsqueeze(0) + shifts.view(-1, *([1] * x.dim()))  # rounded as the kernels round it
-    up = torch.where(y >= 0.5, 1.0, -1.0).double()
-    active = ((y >= 0) & (y <= 1)).double()
-    g64, b64 = g.double(), betas.double()
-    grad_x = (active * b64.view(-1, *([1] * x.dim()))).sum(0) * g64
-    grad_shifts = b64 * (active * g64).flatten(1).sum(1)
-    grad_betas = (up * g64).flatten(1).sum(1)
-    return grad_x, grad_shifts, grad_betas
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(6))
 def test_bucket_kernel_matches_the_eager_reference(dtype, seed):
     N = seed % 6 + 1
     x, shifts, betas = bucket_case(N, dtype, seed)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
-    assert activations._lut_supported(x)  # the table path, not the small-input fallback
-    bucket = run_kernel("bucket", x, shifts, betas, g)
-    eager = run_kernel("eager", x, shifts, betas, g)
-    assert torch.equal(bucket[0], eager[0])  # values: bit for bit, boundaries included
-    truth = reference_grads_float64(x, g, shifts, betas)
-    eps = torch.finfo(dtype).eps
-    scale_x = betas.double().abs().sum() * g.double().abs()
-    scale_sums = (betas.double().abs().max() + 1) * g.double().abs().sum()
-    for name, got, ref, expected, scale in zip(
-        ("x", "shifts", "betas"), bucket[1:], eager[1:], truth, (scale_x, scale_sums, scale_sums)
-    ):
-        tolerance = (N + 2) * eps * scale  # a few roundings of the output dtype
-        for kernel, value in (("bucket", got), ("eager", ref)):
-            error = (value.double() - expected).abs()
-            assert (error <= tolerance + 1e-30).all(), (name, kernel, error.max().item())
-    # the gradients to x agree exactly where a single window holds the element
-    single = ((x.unsqueeze(0) + shifts.view(-1, 1) >= 0) & (x.unsqueeze(0) + shifts.view(-1, 1) <= 1)).sum(0) == 1
-    assert torch.equal(bucket[1][single], eager[1][single])
+    assert bucket_supported(x)  # the table path, not the small-input fallback
+    check_against_eager("bucket", x, shifts, betas, g)  # boundaries, duplicates, ±0, ±inf included
 
 
 def test_bucket_kernel_detects_a_wrong_table(monkeypatch):
     """The comparison above can fail: a table off by one bucket is caught."""
     x, shifts, betas = bucket_case(3, torch.float32, 0)
     g = torch.ones_like(x)
-    tables = activations.bucket_tables(shifts, betas, x.dtype)
+    tables = bucket_tables(shifts, betas, x.dtype)
     broken = dict(tables, level=torch.roll(tables["level"], 1))
-    monkeypatch.setattr(activations, "bucket_tables", lambda *args: broken)
+    monkeypatch.setattr(staircase_dispatch, "bucket_tables", lambda *args: broken)
     assert not torch.equal(run_kernel("bucket", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
 
 
@@ -177,52 +157,65 @@ def test_bucket_kernel_with_a_threshold_exactly_at_zero():
     # values bit for bit; gradient sums against a float64 truth, within the rounding a sum of 65536
     # float32 terms may carry in any order (threads change the order: a fixed tolerance on the
     # difference between the two kernels failed once on CI)
-    check_against_eager("bucket", x, shifts, betas, g, len(shifts))
+    check_against_eager("bucket", x, shifts, betas, g)
 
 
-def test_kernels_are_named_and_auto_is_the_default():
-    assert activations.KERNELS == ("auto", "native", "bucket", "eager", "compiled")
+def identity_compile(function, **_options):
+    return function
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_named_kernel_runs_and_gives_the_reference_values(kernel, monkeypatch):
+    """Each name the module and abc.kernel accept runs a kernel that computes the eager reference's
+    values bit for bit (``compiled`` with torch.compile stubbed out: the slow test compiles)."""
+    monkeypatch.setattr(_Kernels, "compiled", None)
+    monkeypatch.setattr(staircase_dispatch.torch, "compile", identity_compile)
+    x, shifts, betas = bucket_case(3, torch.float32, 5)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    check_against_eager(kernel, x, shifts, betas, g)
+    act = ActivationBinarizer(3, kernel=kernel)
+    with torch.no_grad():
+        act.shifts.copy_(shifts)
+        act.betas.copy_(betas)
+    assert torch.equal(act(x.view(4, -1)).detach(), staircase(x, shifts, betas).view(4, -1))
+
+
+def test_auto_is_the_default_and_unknown_kernels_are_refused():
     assert ActivationBinarizer(2).kernel == "auto"
-    with pytest.raises(ValueError, match="unknown kernel"):
+    with pytest.raises(ValueError, match="unknown kernel 'fast': choose one of auto, native"):
         ActivationBinarizer(2, kernel="fast")
+    with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+        staircase_ste(torch.rand(4), torch.zeros(1), torch.ones(1), "fast")
 
 
-needs_native = pytest.mark.skipif(not native_available(), reason=f"native kernels unavailable: {native_error()}")
+def test_a_failing_torch_compile_warns_and_runs_the_eager_kernels(monkeypatch):
+    def broken_compile(function, **_options):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler (pretend)")
+        return fails
+
+    monkeypatch.setattr(_Kernels, "compiled", None)
+    monkeypatch.setattr(staircase_dispatch.torch, "compile", broken_compile)
+    x, shifts, betas = bucket_case(2, torch.float32, 6)
+    g = torch.ones_like(x)
+    with pytest.warns(UserWarning, match="torch.compile failed .*pretend.*using eager kernels"):
+        check_against_eager("compiled", x, shifts, betas, g)
+    assert _Kernels.compiled == (staircase, staircase_grad)
 
 
-def check_against_eager(kernel, x, shifts, betas, g, N):
-    """``kernel`` against the eager reference: values bit for bit, gradients within the tolerance of
-    the bucket test, grad_x exactly where a single window holds the element."""
-    got = run_kernel(kernel, x, shifts, betas, g)
-    eager = run_kernel("eager", x, shifts, betas, g)
-    assert torch.equal(got[0], eager[0])
-    assert got[0].dtype == x.dtype and all(a.dtype == b.dtype for a, b in zip(got[1:], eager[1:]))
-    truth = reference_grads_float64(x, g, shifts, betas)
-    eps = torch.finfo(x.dtype).eps
-    scale_x = betas.double().abs().sum() * g.double().abs()
-    scale_sums = (betas.double().abs().max() + 1) * g.double().abs().sum()
-    for name, value, expected, scale in zip(("x", "shifts", "betas"), got[1:], truth, (scale_x, scale_sums, scale_sums)):
-        error = (value.double() - expected).abs()
-        assert (error <= (N + 2) * eps * scale + 1e-30).all(), (name, kernel, error.max().item())
-    y = x.flatten().unsqueeze(0) + shifts.view(-1, 1)
-    single = ((y >= 0) & (y <= 1)).sum(0) == 1
-    assert torch.equal(got[1].flatten()[single], eager[1].flatten()[single])
-    return got
-
-
-@needs_native
+@RunIf(native_kernels=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", range(1, 7))
 def test_native_kernel_matches_the_eager_reference(dtype, N):
     x, shifts, betas = bucket_case(N, dtype, N + 10)  # thresholds, window edges, duplicates, ±0, ±inf
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(N)).to(dtype)
-    assert activations.resolve_kernel("native", x, shifts, betas) == "native"
-    got = check_against_eager("native", x, shifts, betas, g, N)
+    assert resolve_kernel("native", x, shifts, betas) == "native"
+    got = check_against_eager("native", x, shifts, betas, g)
     if dtype == torch.float32:  # the reference sums grad_x in the same order: exact everywhere
         assert torch.equal(got[1], run_kernel("eager", x, shifts, betas, g)[1])
 
 
-@needs_native
+@RunIf(native_kernels=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kernel_at_every_threshold_and_window_edge(dtype):
     """Every input exactly at 0.5 − v, −v and 1 − v and one float either side, the whole input (sizes
@@ -234,13 +227,13 @@ def test_native_kernel_at_every_threshold_and_window_edge(dtype):
     x = torch.cat([edges, up, down, torch.tensor([0.0, -0.0, float("nan"), 1e30, -1e30])]).to(dtype)
     x = torch.cat([x, torch.rand(4097 * 3 - x.numel()).to(dtype)]).view(3, 4097)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    got = check_against_eager("native", x, shifts, betas, g, 5)
+    got = check_against_eager("native", x, shifts, betas, g)
     assert got[0].shape == x.shape and got[1].shape == x.shape
     small = x.flatten()[:7].clone()  # fewer elements than one lane group
-    check_against_eager("native", small, shifts, betas, g.flatten()[:7].clone(), 5)
+    check_against_eager("native", small, shifts, betas, g.flatten()[:7].clone())
 
 
-@needs_native
+@RunIf(native_kernels=True)
 def test_native_kernel_runs_on_torch_threads_with_the_same_results():
     x, shifts, betas = bucket_case(4, torch.float32, 7)
     x = torch.cat([x] * 8)  # 512K elements: several parallel tasks
@@ -261,13 +254,13 @@ def test_native_kernel_runs_on_torch_threads_with_the_same_results():
         assert torch.equal(a, b), (a, b)
 
 
-@needs_native
+@RunIf(native_kernels=True)
 def test_auto_resolves_to_native_on_the_cpu_and_to_bucket_elsewhere():
     x, shifts, betas = torch.rand(64), torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "native"
-    assert activations.resolve_kernel("auto", x.double(), shifts.double(), betas.double()) == "bucket"
-    assert activations.resolve_kernel("auto", torch.rand(8, 8).t(), shifts, betas) == "bucket"  # not contiguous
-    assert activations.resolve_kernel("bucket", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "native"
+    assert resolve_kernel("auto", x.double(), shifts.double(), betas.double()) == "bucket"
+    assert resolve_kernel("auto", torch.rand(8, 8).t(), shifts, betas) == "bucket"  # not contiguous
+    assert resolve_kernel("bucket", x, shifts, betas) == "bucket"
     act = ActivationBinarizer(2)
     x = torch.rand(2, 3, 4, 4, requires_grad=True)
     act(x).sum().backward()  # through the module with the default kernel
@@ -275,10 +268,10 @@ def test_auto_resolves_to_native_on_the_cpu_and_to_bucket_elsewhere():
 
 
 def test_native_unavailable_falls_back_to_bucket(monkeypatch):
-    monkeypatch.setattr(activations, "native_available", lambda: False)
+    monkeypatch.setattr(staircase_dispatch, "native_available", lambda: False)
     x, shifts, betas = bucket_case(3, torch.float32, 1)
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"
-    assert activations.resolve_kernel("native", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "bucket"
+    assert resolve_kernel("native", x, shifts, betas) == "bucket"
     g = torch.ones_like(x)
     assert torch.equal(run_kernel("auto", x, shifts, betas, g)[0], run_kernel("eager", x, shifts, betas, g)[0])
 
@@ -297,4 +290,4 @@ def test_a_failed_native_build_warns_once_and_auto_uses_bucket(monkeypatch):
     assert len(record) == 1 and "Ninja is required" in str(record[0].message)
     assert isinstance(native.native_error(), RuntimeError)
     x, shifts, betas = torch.rand(100), torch.tensor([0.1]), torch.tensor([0.5])
-    assert activations.resolve_kernel("auto", x, shifts, betas) == "bucket"
+    assert resolve_kernel("auto", x, shifts, betas) == "bucket"

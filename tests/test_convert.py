@@ -117,6 +117,31 @@ def test_calibration_folds_the_input_offset_into_the_bias():
     torch.testing.assert_close(layer(x), expected)
 
 
+def test_the_bias_calibration_adds_is_declared_and_left_out_of_the_original_size():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    fp_params = sum(p.numel() for p in model.parameters())
+    convert(model, 2, 2)
+    layer = model[2]
+    assert layer.bias is None and not layer.bias_from_calibration
+    calibrate(model, [torch.randn(4, 1, 8, 8)])
+    assert layer.bias_from_calibration and layer.bias.shape == (4,) and layer.bias.abs().sum() > 0
+    assert summary(model).fp_kb == pytest.approx(fp_params * 4 / 1000)  # the new bias is ABC's alone
+    # a model rebuilt from its architecture makes room for the bias, then loads the calibrated state
+    rebuilt = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), nn.Flatten(),
+                            nn.Linear(4 * 4 * 4, 3))
+    convert(rebuilt, 2, 2)
+    new_bias = rebuilt[2].add_calibration_bias()
+    assert rebuilt[2].bias_from_calibration and torch.equal(new_bias, torch.zeros(4))
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
+    # a layer that had a bias keeps it: nothing is declared
+    with_bias = ABCConv2d.from_conv(nn.Conv2d(3, 4, 3), 1, 1)
+    bias = with_bias.bias
+    assert with_bias.add_calibration_bias() is bias and not with_bias.bias_from_calibration
+
+
 def test_summary_counts_bits_macs_and_size():
     model = small_cnn()
     convert(model, 3, 2)

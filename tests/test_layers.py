@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import forward_backward, random_conv_case, rel_err
 from torch import nn
-from helpers import forward_backward, max_relative_error, random_conv_case
 
 from abc_experiments.nn import ABCConv2d, ABCLinear
 from abc_experiments.nn.activations import staircase
@@ -19,10 +19,10 @@ def test_fused_equals_naive_conv_forward_and_backward(seed):
     naive = ABCConv2d.from_conv(conv, impl="naive", **options)
     out_f, grads_f = forward_backward(fused, x)
     out_n, grads_n = forward_backward(naive, x)
-    assert max_relative_error(out_f, out_n) <= 1e-5, options
+    assert rel_err(out_f, out_n) <= 1e-5, options
     assert grads_f.keys() == grads_n.keys()
     for name in grads_f:
-        assert max_relative_error(grads_f[name], grads_n[name]) <= 1e-5, (name, options)
+        assert rel_err(grads_f[name], grads_n[name]) <= 1e-5, (name, options)
 
 
 @pytest.mark.parametrize("M,N,scope", [(1, 1, "per_layer"), (3, 0, "per_channel"), (4, 3, "per_channel")])
@@ -31,9 +31,9 @@ def test_fused_equals_naive_linear(M, N, scope):
     x = torch.rand(5, 12) * 2 - 0.5
     out_f, grads_f = forward_backward(ABCLinear.from_linear(linear, M, N, scope=scope), x)
     out_n, grads_n = forward_backward(ABCLinear.from_linear(linear, M, N, scope=scope, impl="naive"), x)
-    assert max_relative_error(out_f, out_n) <= 1e-5
+    assert rel_err(out_f, out_n) <= 1e-5
     for name in grads_f:
-        assert max_relative_error(grads_f[name], grads_n[name]) <= 1e-5, name
+        assert rel_err(grads_f[name], grads_n[name]) <= 1e-5, name
 
 
 def test_forward_is_one_conv_of_the_combined_tensors_plus_the_bias_once():

@@ -1,6 +1,6 @@
-"""Packed inference (abc_experiments.packed): packed layers equal the eval-mode float ABC layers on
-every kernel path this machine runs, whole converted models give the same logits, and the
-pickle-free file round-trips exactly."""
+"""Packed inference (abc_experiments.packed): packed layers equal an independent float64 numpy
+reference of the ABC layer (and the eval-mode float ABC layers) on every kernel path this machine
+runs, whole converted models give the same logits, and the pickle-free file round-trips exactly."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import math
 import struct
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from helpers import RunIf, rel_err
 from torch import nn
 
 from abc_experiments import packed as P
@@ -20,22 +22,56 @@ from abc_experiments.nn import ABCConv2d, ABCLinear, calibrate, convert
 from abc_experiments.packed import _bits, _ext
 
 # avx512_emulated: the AVX-512 code with its AVX-512 intrinsics emulated, runs on any AVX2 CPU
-PATHS = ("avx512", "avx512_emulated", "avx2", "portable", "reference")
-NATIVE = ("avx512", "avx512_emulated", "avx2", "portable")
+ISAS = ("avx512", "avx512_emulated", "avx2", "portable", "reference")
+PATHS = [pytest.param(isa, marks=RunIf(packed_isa=isa), id=isa) for isa in ISAS]
+NATIVE = [pytest.param(isa, marks=RunIf(packed_isa=isa), id=isa) for isa in ISAS if isa != "reference"]
 
 
-def need(isa: str) -> None:
-    """Skip (with the reason) a kernel path this machine cannot run."""
-    if isa == "reference":
-        return
-    if not P.extension_available():
-        pytest.skip(f"the C++ extension is unavailable: {P.extension_error()}")
-    if isa not in _ext.runnable_isas():
-        pytest.skip(f"this CPU cannot run the {isa} kernels (it runs {', '.join(P.cpu_isas())})")
+def float64_staircase(x: torch.Tensor, layer) -> np.ndarray:
+    """(N, *x.shape) float64 Hₙ(x) = ±1 (x + vₙ rounded to float32, as every kernel compares it), or
+    x itself as a single term for N = 0; and the betas (ones for N = 0)."""
+    xs = x.numpy()
+    if layer.N == 0:
+        return xs[None].astype(np.float64), np.ones(1)
+    act = layer.activation_binarizer
+    shifts = act.shifts.detach().numpy().astype(np.float32).reshape(-1, *([1] * xs.ndim))
+    return np.where(xs[None] + shifts >= np.float32(0.5), 1.0, -1.0), act.betas.detach().numpy().astype(np.float64)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+def float64_bases(layer) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's binary weight bases (M, C_out, ...) and alphas as (M, C_out), in float64."""
+    wb = layer.weight_binarizer
+    bases = wb.compute_bases(layer.weight.detach()).numpy().astype(np.float64)
+    alphas = wb.alphas.numpy().astype(np.float64).reshape(layer.M, -1)
+    return bases, np.broadcast_to(alphas, (layer.M, bases.shape[1]))
+
+
+def numpy_abc_conv(layer, x: torch.Tensor) -> torch.Tensor:
+    """Σₘ Σₙ αₘ βₙ conv(Bₘ, Hₙ(x)) + bias (paper eq. 9: M·N binary convolutions), in float64
+    numpy from the layer's stored bases, alphas, shifts and betas (zero padding, groups = 1)."""
+    H, betas = float64_staircase(x, layer)
+    B, alphas = float64_bases(layer)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    H = np.pad(H, ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (H.shape[-2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (H.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+    taps = np.stack([np.stack([H[..., i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                               for j in range(kw)], -3) for i in range(kh)], -4)  # (N, b, C, kh, kw, oh, ow)
+    convs = np.einsum("mocij,nbcijyx->mnboyx", B, taps, optimize=True)  # every binary convolution
+    out = np.einsum("mo,n,mnboyx->boyx", alphas, betas, convs)
+    if layer.bias is not None:
+        out = out + layer.bias.detach().numpy().astype(np.float64).reshape(1, -1, 1, 1)
+    return torch.from_numpy(out)
+
+
+def numpy_abc_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Σₘ Σₙ αₘ βₙ Hₙ(x) Bₘᵀ + bias in float64 numpy (see :func:`numpy_abc_conv`)."""
+    H, betas = float64_staircase(x, layer)
+    B, alphas = float64_bases(layer)
+    out = np.einsum("mo,n,nbi,moi->bo", alphas, betas, H, B, optimize=True)
+    if layer.bias is not None:
+        out = out + layer.bias.detach().numpy().astype(np.float64)
+    return torch.from_numpy(out)
 
 
 def randomize_activations(layer, generator) -> None:
@@ -74,8 +110,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("case", range(len(CONV_CASES)))
-def test_conv_matches_float_layer(isa, case):
-    need(isa)
+def test_conv_matches_float64_reference_and_float_layer(isa, case):
     cin, cout, k, s, p, d, H, W, M, N, scope, bias = CONV_CASES[case]
     g = torch.Generator().manual_seed(case)
     layer = ABCConv2d.from_conv(nn.Conv2d(cin, cout, k, s, p, d, bias=bias), M, N, scope=scope).eval()
@@ -84,29 +119,32 @@ def test_conv_matches_float_layer(isa, case):
     assert packed.native
     for batch in (1, 3):
         x = tie_input((batch, cin, H, W), layer.activation_binarizer.shifts.detach(), g)
+        truth = numpy_abc_conv(layer, x)
         with torch.no_grad():
             ref = layer(x)
         with P.use_isa(isa):
             out = packed(x)
-        assert out.shape == ref.shape
+        assert out.shape == ref.shape == truth.shape
+        assert rel_err(out.double(), truth) <= 1e-5 and rel_err(ref.double(), truth) <= 1e-5
         assert rel_err(out, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("M,N,scope,features", [(1, 1, "per_layer", (64, 10)), (3, 2, "per_channel", (100, 37)),
                                                 (2, 5, "per_layer", (3136, 65)), (5, 3, "per_channel", (7, 3))])
-def test_linear_matches_float_layer(isa, M, N, scope, features):
-    need(isa)
+def test_linear_matches_float64_reference_and_float_layer(isa, M, N, scope, features):
     g = torch.Generator().manual_seed(M * 10 + N)
     layer = ABCLinear.from_linear(nn.Linear(*features), M, N, scope=scope).eval()
     randomize_activations(layer, g)
     packed = P.PackedABCLinear.from_abc(layer)
     for rows in (1, 5, 33):
         x = tie_input((rows, features[0]), layer.activation_binarizer.shifts.detach(), g)
+        truth = numpy_abc_linear(layer, x)
         with torch.no_grad():
             ref = layer(x)
         with P.use_isa(isa):
             out = packed(x)
+        assert rel_err(out.double(), truth) <= 1e-5 and rel_err(ref.double(), truth) <= 1e-5
         assert rel_err(out, ref) <= 1e-5
     with P.use_isa(isa):  # extra leading dimensions
         assert packed(x.view(1, rows, -1)).shape == (1, rows, features[1])
@@ -116,7 +154,6 @@ def test_linear_matches_float_layer(isa, M, N, scope, features):
 def test_counters_never_overflow(isa):
     """Every bit a mismatch (weights all ones, inputs all zero bits) over 36 words per output: the
     AVX2 path's byte counters (8 per step) must be spilled before they wrap."""
-    need(isa)
     cin, cout, k = 256, 16, 3
     wk = torch.full((1, cout // 8, k, k, cin // 64, 8), -1, dtype=torch.int64)  # all bits set
     coef = torch.ones(1, 1, cout)
@@ -129,7 +166,6 @@ def test_counters_never_overflow(isa):
 
 @pytest.mark.parametrize("isa", NATIVE)
 def test_activation_packing(isa):
-    need(isa)
     g = torch.Generator().manual_seed(1)
     shifts = torch.tensor([0.25, -0.125, 0.0])
     x = tie_input((2, 75, 5, 13), shifts, g)
@@ -143,10 +179,10 @@ def test_activation_packing(isa):
     assert torch.equal(rows, _bits.pack_words(bits[:, :, :, 0, 0].permute(1, 0, 2)))
 
 
+@RunIf(packed_kernels=True)
 def test_kernels_run_on_torch_threads_with_the_same_results():
     """``torch.set_num_threads`` governs the kernels' parallel_for (an extension built without
     -fopenmp runs it on one thread, silently), and the outputs do not depend on the thread count."""
-    need("avx2" if "avx2" in P.cpu_isas() else "portable")
     layer = ABCConv2d.from_conv(nn.Conv2d(24, 40, 3, padding=1), 2, 3).eval()
     packed = P.PackedABCConv2d.from_abc(layer)
     x = torch.randn(4, 24, 9, 11, generator=torch.Generator().manual_seed(0))
@@ -172,8 +208,8 @@ def test_bits_round_trip():
     assert words.shape == (3, 5, 1) and torch.equal(_bits.unpack_words(words, 7), bits)
 
 
+@RunIf(packed_isa="portable")
 def test_op_wrappers_check_inputs():
-    need("portable")
     shifts = torch.zeros(1)
     with pytest.raises(TypeError, match="float32"):
         P.ops.pack_activations(torch.zeros(1, 2, 3, 3, dtype=torch.float64), shifts, isa="portable")
@@ -183,9 +219,8 @@ def test_op_wrappers_check_inputs():
         P.ops.pack_activations(torch.zeros(2, 3, 3), shifts, isa="portable")
 
 
-@pytest.mark.parametrize("isa", ("portable", "reference"))
+@pytest.mark.parametrize("isa", [p for p in PATHS if p.values[0] in ("portable", "reference")])
 def test_fallbacks_groups_and_padding_modes(isa):
-    need(isa)
     g = torch.Generator().manual_seed(3)
     for conv in (nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.Conv2d(6, 10, 3, padding=1, padding_mode="reflect"),
                  nn.Conv2d(6, 10, 3, padding="same", dilation=2)):
@@ -236,10 +271,15 @@ def models():
     return {name: converted(name, shape, 2, 3, linear=linear) for name, (shape, linear) in MODELS.items()}
 
 
-@pytest.mark.parametrize("isa", PATHS)
-@pytest.mark.parametrize("name", MODELS)
+# resnet20 on the default native path (avx2) in the quick loop; its other paths are slow: the layer
+# tests above hold every path to the float64 reference, and seed_cnn runs every path end to end
+LOGIT_CASES = [pytest.param(name, isa, id=f"{name}-{isa}", marks=[RunIf(packed_isa=isa)]
+                            + ([pytest.mark.slow] if name == "resnet20" and isa != "avx2" else []))
+               for isa in ISAS for name in MODELS]
+
+
+@pytest.mark.parametrize("name,isa", LOGIT_CASES)
 def test_converted_model_same_logits(isa, name, models):
-    need(isa)
     (shape, linear), (model, report) = MODELS[name], models[name]
     if linear:
         assert "fc1" in report.converted

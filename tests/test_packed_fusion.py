@@ -11,6 +11,7 @@ import operator
 
 import pytest
 import torch
+from helpers import RunIf, rel_err
 from torch import fx, nn
 
 from abc_experiments import packed as P
@@ -34,10 +35,6 @@ def random_batchnorm(channels: int, seed: int) -> nn.BatchNorm2d:
         bn.weight.copy_(torch.randn(channels, generator=g))
         bn.bias.copy_(torch.randn(channels, generator=g))
     return bn.eval()
-
-
-def rel_err(out, ref):
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -86,14 +83,23 @@ def test_fold_refuses_a_training_batchnorm_or_a_wrong_width():
         packed.fold_batchnorm(nn.BatchNorm2d(5).eval())
 
 
-def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predictions():
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    """A converted ResNet-20 (ABC(2, 2), per channel), calibrated on random data (small samples:
+    seconds), with random BatchNorm statistics, in eval mode; shared, so tests must not change it
+    (pack_model and the fusion work on copies)."""
     torch.manual_seed(0)
     model = build_model("resnet20", 3, 32, 10)
     convert(model, 2, 2, scope="per_channel")
     calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=5)
     for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
-    packed = P.pack_model(model.eval(), fold_batchnorm=False)  # the BatchNorms left for the fusion to fold
+    return model.eval()
+
+
+def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predictions(resnet20):
+    model = resnet20
+    packed = P.pack_model(model, fold_batchnorm=False)  # the BatchNorms left for the fusion to fold
     assert len([m for m in packed.modules() if isinstance(m, nn.BatchNorm2d)]) == 21
     fused = P.fuse_batchnorm_relu(packed, chain=False)
     assert isinstance(fused, fx.GraphModule)
@@ -113,7 +119,7 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     assert torch.equal(out.argmax(1), ref.argmax(1))
     # pack_model's own fold (the default) leaves Identity modules, which the fusion skips: the same
     # fused structure, with the BatchNorms folded once
-    folded_first = P.fuse_batchnorm_relu(P.pack_model(model.eval()), chain=False)
+    folded_first = P.fuse_batchnorm_relu(P.pack_model(model), chain=False)
     convs_again = [m for m in folded_first.modules() if isinstance(m, P.PackedABCConv2d)]
     assert [m.relu for m in convs_again] == [m.relu for m in convs]
     assert all(m.folded_batchnorm for m in convs_again) and not any(m.folded_batchnorm for m in convs)
@@ -125,17 +131,12 @@ def test_fused_resnet20_has_no_batchnorm_after_packed_convs_and_the_same_predict
     assert torch.equal(again.argmax(1), ref.argmax(1))
 
 
-def test_pack_model_folds_the_batchnorms_and_the_fusion_then_changes_no_numbers():
+def test_pack_model_folds_the_batchnorms_and_the_fusion_then_changes_no_numbers(resnet20):
     """pack_model folds each BatchNorm after a packed conv (rounded to float32, as the file stores
     it); what fuse_batchnorm_relu then does (residual additions and ReLUs in the kernel's store, the
     chain) gives the packed model's numbers bit for bit, on every path."""
-    torch.manual_seed(1)
-    model = build_model("resnet20", 3, 32, 10)
-    convert(model, 1, 2)
-    calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=3)
-    for i, bn in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.load_state_dict(random_batchnorm(bn.num_features, i).state_dict())
-    packed = P.pack_model(model.eval())
+    model = resnet20
+    packed = P.pack_model(model)
     convs = [m for m in packed.modules() if isinstance(m, P.PackedABCConv2d)]
     assert len(convs) == 20 and all(m.folded_batchnorm for m in convs)
     assert all(torch.equal(m.post_scale, m.post_scale.float().double()) for m in convs)  # float32 values
@@ -149,7 +150,7 @@ def test_pack_model_folds_the_batchnorms_and_the_fusion_then_changes_no_numbers(
             ref = packed(x)
             assert torch.equal(fused(x), ref) and torch.equal(chained(x), ref), isa
     # each folded conv equals the float conv followed by its BatchNorm, up to rounding
-    unpacked = P.pack_model(model.eval(), fold_batchnorm=False)
+    unpacked = P.pack_model(model, fold_batchnorm=False)
     layer_in = torch.relu(torch.randn(2, 16, 32, 32))
     with torch.no_grad():
         want = model.layer1[0].bn1(unpacked.layer1[0].conv1(layer_in))
@@ -158,16 +159,8 @@ def test_pack_model_folds_the_batchnorms_and_the_fusion_then_changes_no_numbers(
         convs[0].fold_batchnorm(random_batchnorm(convs[0].out_channels, 0), name="again")
 
 
-def fused_resnet20(seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model("resnet20", 3, 32, 10)
-    convert(model, 1, 2)
-    calibrate(model, [torch.randn(4, 3, 32, 32)], max_samples=4096, iterations=3)
-    return P.fuse_batchnorm_relu(P.pack_model(model.eval()), chain=False)
-
-
-def test_chained_resnet20_runs_its_body_in_one_call_bit_for_bit_on_every_path():
-    unchained = fused_resnet20()
+def test_chained_resnet20_runs_its_body_in_one_call_bit_for_bit_on_every_path(resnet20):
+    unchained = P.fuse_batchnorm_relu(P.pack_model(resnet20), chain=False)
     chained = P.chain_packed_convs(copy.deepcopy(unchained))
     chains = [m for m in chained.modules() if isinstance(m, P.PackedConvChain)]
     assert len(chains) == 1 and len(chains[0].steps) == 20  # the whole body: 18 3×3 convs, 2 shortcut 1×1
@@ -230,9 +223,8 @@ def test_a_chain_with_several_inputs_and_outputs_equals_the_layers_and_falls_bac
             assert torch.equal(chained(x, r)[1], model(x, r)[1])
 
 
+@RunIf(packed_kernels=True)
 def test_the_chain_operator_refuses_a_step_reading_a_later_value_or_none():
-    if not P.extension_available():
-        pytest.skip("no C++ kernels here")
     chained = P.chain_packed_convs(traced(TwoBranches().eval()))
     x, r = torch.randn(1, 8, 5, 5), torch.randn(1, 8, 5, 5)
     tensors, ints, isa = chained.packed_chain0._program(("avx2",), (x, r), _ext.get_isa())

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY, bucket_case, forward_backward, max_relative_error, random_conv_case, read_summary, run_kernel
+from helpers import (
+    TINY,
+    RunIf,
+    bucket_case,
+    check_against_eager,
+    forward_backward,
+    random_conv_case,
+    read_summary,
+    rel_err,
+)
 
 from abc_experiments.nn import ABCConv2d, ActivationBinarizer, calibrate, convert
 from abc_experiments.pipeline import run
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -41,8 +48,7 @@ def test_abc_conv_under_autocast_keeps_float32_alphas():
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------
-@pytest.mark.cuda
-@needs_cuda
+@RunIf(cuda=True)
 @pytest.mark.parametrize("seed", range(8))
 def test_fused_equals_naive_on_cuda(seed):
     torch.manual_seed(seed)
@@ -51,26 +57,20 @@ def test_fused_equals_naive_on_cuda(seed):
     naive = ABCConv2d.from_conv(conv.cuda(), impl="naive", **options)
     out_f, grads_f = forward_backward(fused, x.cuda())
     out_n, grads_n = forward_backward(naive, x.cuda())
-    assert max_relative_error(out_f, out_n) <= 1e-4, options
+    assert rel_err(out_f, out_n) <= 1e-4, options
     for name in grads_f:
-        assert max_relative_error(grads_f[name], grads_n[name]) <= 1e-4, (name, options)
+        assert rel_err(grads_f[name], grads_n[name]) <= 1e-4, (name, options)
 
 
-@pytest.mark.cuda
-@needs_cuda
+@RunIf(cuda=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bucket_kernel_matches_the_reference_on_cuda(dtype):
     x, shifts, betas = bucket_case(4, dtype, 3)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
-    bucket = run_kernel("bucket", x.cuda(), shifts.cuda(), betas.cuda(), g.cuda())
-    eager = run_kernel("eager", x.cuda(), shifts.cuda(), betas.cuda(), g.cuda())
-    assert torch.equal(bucket[0], eager[0])
-    for got, ref in zip(bucket[1:], eager[1:]):
-        assert torch.allclose(got.double(), ref.double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    check_against_eager("bucket", x.cuda(), shifts.cuda(), betas.cuda(), g.cuda())
 
 
-@pytest.mark.cuda
-@needs_cuda
+@RunIf(cuda=True)
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_two_epoch_digits_run_on_cuda(compose_cfg, tmp_path, precision):
     run(compose_cfg(TINY + ["device=cuda", f"precision={precision}", "pretrain.epochs=2", "finetune.epochs=2"]))
@@ -80,8 +80,7 @@ def test_two_epoch_digits_run_on_cuda(compose_cfg, tmp_path, precision):
     assert summary["images_per_s"]["finetune"] > 0
 
 
-@pytest.mark.cuda
-@needs_cuda
+@RunIf(cuda=True)
 def test_calibration_on_cuda():
     from abc_experiments.models import build_model
 

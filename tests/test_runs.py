@@ -10,8 +10,8 @@ import torch
 from helpers import read_summary, run_cli
 
 from abc_experiments import load_run
-from abc_experiments.nn import abc_layers
 from abc_experiments.export import MODEL_FILE, REPORT_FILE, export_run
+from abc_experiments.nn import abc_layers
 from abc_experiments.packed import load_packed, packed_layers
 from abc_experiments.runs import RunError, evaluate_run
 
@@ -21,9 +21,10 @@ pytestmark = pytest.mark.slow  # a whole (tiny) resnet20 run, shared by every te
 def test_load_run_and_abc_eval_reproduce_the_finetuned_accuracy_exactly(finished_run):
     summary = read_summary(finished_run)
     model = load_run(finished_run)
-    assert not model.training and any(layer.bias_added for _, layer in abc_layers(model))
+    assert not model.training and any(layer.bias_from_calibration for _, layer in abc_layers(model))
     result = evaluate_run(finished_run)
-    assert result["acc"] == summary["finetuned"]["acc"] and result["loss"] == pytest.approx(summary["finetuned"]["loss"])
+    assert result["acc"] == summary["finetuned"]["acc"]
+    assert result["loss"] == pytest.approx(summary["finetuned"]["loss"])
     assert result["images"] == summary["finetuned"]["test_size"] == 359 and result["images_per_s"] > 0
     last = load_run(finished_run, which="last")
     assert set(last.state_dict()) == set(model.state_dict())

@@ -63,7 +63,15 @@ def _collect_inputs(model: nn.Module, layer: nn.Module, inputs: list[Tensor], pe
 
 def recalibrate_batchnorm(model: nn.Module, inputs: list[Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics (cumulative average) on ``inputs``, so the
-    normalisation matches the converted layers' outputs. Returns the number of BatchNorm layers."""
+    normalisation matches the converted layers' outputs.
+
+    Args:
+        model: the model (left in its BatchNorms' eval mode).
+        inputs: model input batches, on the model's device.
+
+    Returns:
+        The number of BatchNorm layers re-estimated.
+    """
     norms = _batchnorms(model)
     momenta = [m.momentum for m in norms]
     for norm in norms:
@@ -182,7 +190,7 @@ def calibrate(
     input offset by least squares) and folds the offset into its bias. With ``batchnorm``, BatchNorm
     running statistics are re-estimated on the same inputs.
 
-    Arguments:
+    Args:
         model: a converted model (its ABC layers are changed in place).
         batches: input tensors or (input, target) pairs, e.g. a few batches of a training DataLoader.
         max_samples: input values sampled per layer for the fit.

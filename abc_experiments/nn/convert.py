@@ -31,7 +31,14 @@ class ConversionReport:
 
 
 def abc_layers(model: nn.Module) -> list[tuple[str, ABCLayer]]:
-    """(name, layer) for every ABC layer in ``model``, in registration order."""
+    """The ABC layers of a model.
+
+    Args:
+        model: any module.
+
+    Returns:
+        (name, layer) for every :class:`ABCLayer` in ``model``, in registration order.
+    """
     return [(name, m) for name, m in model.named_modules() if isinstance(m, ABCLayer)]
 
 
@@ -43,7 +50,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class NothingToConvertError(ValueError):
     """Every candidate layer would stay full precision; ``report.kept`` says why for each."""
 
-    def __init__(self, message: str, report: "ConversionReport", has_linear: bool):
+    def __init__(self, message: str, report: ConversionReport, has_linear: bool):
         super().__init__(message)
         self.report, self.has_linear = report, has_linear
 
@@ -60,7 +67,21 @@ def plan_conversion(
 ) -> ConversionReport:
     """Which layers :func:`convert` would convert and why it would keep the others, without
     changing ``model`` (cheap: a walk over its modules), so a runner can refuse an impossible
-    setting before it trains anything. Raises :class:`NothingToConvertError` if none would be."""
+    setting before it trains anything.
+
+    Args:
+        model: the trained model.
+        M: weight bases (≥ 1).
+        N: activation bases (≥ 0; 0 or None: full-precision activations).
+        linear: convert hidden ``nn.Linear`` layers too.
+        keep_first: keep the first conv at full precision.
+        keep_last: keep the final classifier at full precision.
+        exclude: ``fnmatch`` patterns of module names to keep.
+
+    Returns:
+        The :class:`ConversionReport`: layers to convert, and those kept with the reason.
+        Raises :class:`NothingToConvertError` if none would be converted.
+    """
     check_count("M", M, 1)
     N = 0 if N is None else check_count("N", N, 0)
     candidates = _candidates(model)
@@ -112,8 +133,23 @@ def convert(
     conv in a model without one) stay full precision, standard practice for binary networks;
     ``keep_first=False, keep_last=False, linear=True`` converts every layer. ``exclude`` holds
     ``fnmatch`` patterns of module names to keep (e.g. ``"*.downsample.*"``). N = 0 (or None)
-    keeps full-precision activations (weight-only ABC). ``layer_options`` go to the layers
-    (``bases``, ``learn_u``, ``alpha_fit``, ``kernel``).
+    keeps full-precision activations (weight-only ABC).
+
+    Args:
+        model: the trained model, changed in place.
+        M: weight bases (≥ 1).
+        N: activation bases (≥ 0; 0 or None: full-precision activations).
+        scope: ``"per_layer"`` (the paper) or ``"per_channel"`` alphas.
+        linear: convert hidden ``nn.Linear`` layers too.
+        keep_first: keep the first conv at full precision.
+        keep_last: keep the final classifier at full precision.
+        exclude: ``fnmatch`` patterns of module names to keep.
+        impl: ``"fused"`` (one conv) or ``"naive"`` (M·N binary convs).
+        **layer_options: ``bases``, ``learn_u``, ``alpha_fit``, ``kernel`` for the layers.
+
+    Returns:
+        The :class:`ConversionReport` of what was converted and what was kept (see
+        :func:`plan_conversion`, whose errors it raises).
     """
     report = plan_conversion(model, M, N, linear=linear, keep_first=keep_first, keep_last=keep_last,
                              exclude=exclude)

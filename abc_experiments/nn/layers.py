@@ -28,8 +28,12 @@ class ABCLayer(nn.Module):
 
     Attributes: ``weight_binarizer`` (M bases and alphas), ``activation_binarizer`` (N bases with
     shifts and betas, or ``nn.Identity`` when N = 0: full-precision activations, the paper's
-    weight-only setting).
+    weight-only setting), ``bias_from_calibration`` (True when the layer's bias was created by
+    :meth:`add_calibration_bias`: the original layer had none, so it is no part of the original
+    model's size).
     """
+
+    bias_from_calibration: bool = False
 
     def _setup_abc(self, M, N, scope, impl, bases, learn_u, alpha_fit, kernel):
         if N is None:
@@ -39,6 +43,7 @@ class ABCLayer(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r}: choose one of {', '.join(IMPLS)}")
         self.M, self.N, self.impl = M, N, impl
+        self.bias_from_calibration = False
         self.weight_binarizer = WeightBinarizer(
             M, scope, bases=bases, learn_u=learn_u, alpha_fit=alpha_fit, out_channels=self.weight.shape[0]
         ).to(self.weight.device)
@@ -86,33 +91,68 @@ class ABCLayer(nn.Module):
         return out if self.bias is None else out + self._channel_view(self.bias)
 
     def train(self, mode: bool = True):
-        """Switching to eval refits the alphas to the current weight and freezes them."""
+        """Set the training mode; switching to eval refits the alphas to the current weight and
+        freezes them.
+
+        Args:
+            mode: True for training, False for eval.
+
+        Returns:
+            The layer.
+        """
         if not mode and self.training:
             self.weight_binarizer.refit(self.weight.detach())
             self.weight_binarizer.approximation(self.weight.detach())  # the frozen weight, cached
         return super().train(mode)
 
     @torch.no_grad()
+    def add_calibration_bias(self) -> Tensor:
+        """Give the layer a zero bias, declared as :attr:`bias_from_calibration`, if it has none, so
+        that calibration can fold its input offset there (and a checkpoint holding that bias loads).
+
+        Returns:
+            The layer's bias (the existing one, or the new zero bias of ``C_out`` entries).
+        """
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros(self.weight.shape[0], dtype=self.weight.dtype,
+                                                 device=self.weight.device))
+            self.bias_from_calibration = True
+        return self.bias
+
+    @torch.no_grad()
     def absorb_input_offset(self, offset: float) -> None:
         """Add c·ΣŴ per output channel to the bias, so that the layer's output for inputs c + ΣβA
         is kept when it is given ΣβA alone (exact for linear layers, and for convolutions away from
-        zero-padded borders). Creates a bias if the layer has none."""
+        zero-padded borders). A layer without a bias gets one (:meth:`add_calibration_bias`).
+
+        Args:
+            offset: the input offset c that :meth:`.ActivationBinarizer.calibrate` returned.
+        """
         shift = offset * self.approximated_weight().flatten(1).sum(1)
-        if self.bias is None:
-            self.bias = nn.Parameter(torch.zeros_like(shift))
-            self.bias_added = True  # not part of the original model (see summary())
-        self.bias.add_(shift)
+        self.add_calibration_bias().add_(shift)
 
     def approximated_weight(self) -> Tensor:
-        """Σₘ αₘBₘ with the stored alphas."""
+        """The binary approximation of the weight.
+
+        Returns:
+            Σₘ αₘBₘ with the stored alphas, the weight's shape, without gradient.
+        """
         return self.weight_binarizer.approximation(self.weight.detach())
 
     def weight_error(self) -> float:
-        """Relative weight approximation error ‖W − Σ αB‖ / ‖W‖."""
+        """How well the binary bases approximate the weight.
+
+        Returns:
+            The relative error ‖W − Σ αB‖ / ‖W‖ with the stored alphas.
+        """
         return relative_error(self.weight.detach(), self.approximated_weight())
 
     def activation_error(self) -> float | None:
-        """‖R − c − ΣβA‖ / ‖R‖ from the last calibration; None if uncalibrated or N = 0."""
+        """How well the activation bases fitted the layer's inputs at calibration.
+
+        Returns:
+            ‖R − c − ΣβA‖ / ‖R‖ from the last calibration; None if uncalibrated or N = 0.
+        """
         if self.N == 0:
             return None
         error = self.activation_binarizer.calibration_error.item()
@@ -128,6 +168,18 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
 
     Supports everything ``nn.Conv2d`` does (stride, padding and padding modes, dilation, groups,
     bias). Build one from a trained conv with :meth:`from_conv`.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device, dtype: as for ``nn.Conv2d``.
+        M: weight bases (≥ 1).
+        N: activation bases (≥ 0; 0 or None: full-precision activations).
+        scope: ``"per_layer"`` (the paper) or ``"per_channel"`` alphas.
+        impl: ``"fused"`` (one conv) or ``"naive"`` (M·N binary convs, the reference).
+        bases: ``"shifted"`` (the paper's grid) or ``"residual"``.
+        learn_u: learn the weight shifts uₘ.
+        alpha_fit: ``"lstsq"`` (closed form) or ``"adam"``.
+        kernel: the activation kernel (see :class:`.ActivationBinarizer`).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -139,8 +191,20 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, M: int, N: int, scope: str = "per_layer", impl: str = "fused",
-                  **options) -> "ABCConv2d":
-        """An ABC layer with ``conv``'s hyper-parameters and a copy of its trained weight and bias."""
+                  **options) -> ABCConv2d:
+        """An ABC layer with ``conv``'s hyper-parameters and a copy of its trained weight and bias.
+
+        Args:
+            conv: the trained convolution.
+            M: weight bases (≥ 1).
+            N: activation bases (≥ 0; 0: full-precision activations).
+            scope: ``"per_layer"`` or ``"per_channel"`` alphas.
+            impl: ``"fused"`` or ``"naive"``.
+            **options: ``bases``, ``learn_u``, ``alpha_fit``, ``kernel``.
+
+        Returns:
+            The new layer, on ``conv``'s device, in ``conv``'s train/eval mode.
+        """
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                     M=M, N=N, scope=scope, impl=impl, device=conv.weight.device, dtype=conv.weight.dtype,
@@ -158,7 +222,12 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
 
 
 class ABCLinear(ABCLayer, nn.Linear):
-    """A ``Linear`` layer with ABC weights Σₘ αₘBₘ and ABC inputs Σₙ βₙAₙ."""
+    """A ``Linear`` layer with ABC weights Σₘ αₘBₘ and ABC inputs Σₙ βₙAₙ.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        M, N, scope, impl, bases, learn_u, alpha_fit, kernel: as for :class:`ABCConv2d`.
+    """
 
     def __init__(self, in_features, out_features, bias=True, *, M=3, N=3, scope="per_layer", impl="fused",
                  bases="shifted", learn_u=False, alpha_fit="lstsq", kernel="auto", device=None, dtype=None):
@@ -167,8 +236,20 @@ class ABCLinear(ABCLayer, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, M: int, N: int, scope: str = "per_layer", impl: str = "fused",
-                    **options) -> "ABCLinear":
-        """An ABC layer with a copy of ``linear``'s trained weight and bias."""
+                    **options) -> ABCLinear:
+        """An ABC layer with a copy of ``linear``'s trained weight and bias.
+
+        Args:
+            linear: the trained linear layer.
+            M: weight bases (≥ 1).
+            N: activation bases (≥ 0; 0: full-precision activations).
+            scope: ``"per_layer"`` or ``"per_channel"`` alphas.
+            impl: ``"fused"`` or ``"naive"``.
+            **options: ``bases``, ``learn_u``, ``alpha_fit``, ``kernel``.
+
+        Returns:
+            The new layer, on ``linear``'s device, in ``linear``'s train/eval mode.
+        """
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, M=M, N=N, scope=scope,
                     impl=impl, device=linear.weight.device, dtype=linear.weight.dtype, **options)
         return layer._take_trained(linear)

@@ -35,7 +35,11 @@ _state: dict = {"loaded": None, "error": None}
 
 
 def extension_name() -> str:
-    """``abc_nn_<digest>`` of the sources, the flags and torch's version: a stale build is never reused."""
+    """The extension's name, so that a stale build is never reused.
+
+    Returns:
+        ``abc_nn_<digest>`` of the sources, the flags and torch's version.
+    """
     return f"abc_nn_{source_digest(CSRC, CFLAGS)}"
 
 
@@ -56,11 +60,17 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("abc_nn::staircase_backward")
     def _(x, grad, shifts, betas):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(shifts), torch.empty_like(betas)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return grad_x, torch.empty_like(shifts), torch.empty_like(betas)
 
 
 def native_available() -> bool:
-    """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
+    """Load (building if needed) the C++ kernels once.
+
+    Returns:
+        True if the operators are loaded; False, with one :class:`NativeKernelWarning`, if the
+        build or the load failed (remembered: no second attempt in this process).
+    """
     return load_once(_state, _lock, lambda: (_load(), _register_fakes()),
                      "abc_experiments.nn: the native C++ activation kernels",
                      "kernel 'auto' uses 'bucket' instead (same values, slower on small activations)",
@@ -68,5 +78,9 @@ def native_available() -> bool:
 
 
 def native_error() -> Exception | None:
-    """Why the native kernels are unavailable (None if they loaded or were never tried)."""
+    """Why the native kernels are unavailable.
+
+    Returns:
+        The exception of the failed build or load; None if they loaded or were never tried.
+    """
     return _state["error"]

@@ -39,13 +39,18 @@ class ModelSummary:
     binary_mac_share: float | None  # share of the original MACs run as binary M·N convolutions
 
     def to_dict(self) -> dict:
-        """``{"layers": [one dict per layer], "size": {fp_kb, abc_kb, compression, total_macs,
-        binary_mac_share}}``: the run summary's part (``abc_experiments.results``)."""
+        """The summary as plain data: the run summary's part (``abc_experiments.results``).
+
+        Returns:
+            ``{"layers": [one dict per layer], "size": {fp_kb, abc_kb, compression, total_macs,
+            binary_mac_share}}``.
+        """
         size = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
         return {"layers": [asdict(layer) for layer in self.layers], "size": size}
 
     def __str__(self) -> str:
-        header = f"{'layer':<28} {'M':>2} {'N':>2} {'W err':>7} {'A err':>7} {'bin weights':>12} {'bits':>11} {'binary MACs':>14}"
+        header = (f"{'layer':<28} {'M':>2} {'N':>2} {'W err':>7} {'A err':>7} {'bin weights':>12} {'bits':>11} "
+                  f"{'binary MACs':>14}")
         rows = [header, "-" * len(header)]
         for s in self.layers:
             act = "-" if s.activation_error is None else f"{s.activation_error:.4f}"
@@ -88,7 +93,16 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
     """Per converted layer: relative weight error, activation error after calibration, binary
     weight count, bits stored (M bits per weight + 32-bit alphas), binary MACs (M·N binary
     convolutions); totals: size in kB (1 kB = 1000 bytes) at 32 bit vs ABC, compression ratio,
-    share of MACs that are binary. MAC counts need ``example_input`` (one batch is enough)."""
+    share of MACs that are binary. Biases that calibration added (``bias_from_calibration``) count
+    for the ABC model only.
+
+    Args:
+        model: a converted model.
+        example_input: one batch of inputs, for the MAC counts (None: no MAC counts).
+
+    Returns:
+        The :class:`ModelSummary` (``str()`` of it is a table).
+    """
     macs = _count_macs(model, example_input) if example_input is not None else None
     layers, abc_params, converted_weights = [], set(), set()
     for name, layer in model.named_modules():
@@ -105,7 +119,7 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
         ))
         converted_weights.add(id(layer.weight))
         abc_params.update(id(p) for p in layer.weight_binarizer.parameters())
-        if getattr(layer, "bias_added", False):
+        if layer.bias_from_calibration:
             abc_params.add(id(layer.bias))
         abc_params.update(id(p) for p in layer.activation_binarizer.parameters())
     original = [p for p in model.parameters() if id(p) not in abc_params]

@@ -32,13 +32,30 @@ ALPHA_FITS = ("lstsq", "adam")
 
 
 def check_scope(scope: str) -> str:
+    """Validate a scope name.
+
+    Args:
+        scope: ``"per_layer"`` or ``"per_channel"``.
+
+    Returns:
+        ``scope``; a ValueError naming the choices otherwise.
+    """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
     return scope
 
 
 def check_count(name: str, value, minimum: int) -> int:
-    """Validate M (minimum 1) or N (minimum 0): an integer, not a bool, at least ``minimum``."""
+    """Validate M (minimum 1) or N (minimum 0): an integer, not a bool, at least ``minimum``.
+
+    Args:
+        name: the name the error message gives the value (``"M"``, ``"N"``).
+        value: the value to check.
+        minimum: the smallest value allowed.
+
+    Returns:
+        ``value``; a ValueError saying what is wrong otherwise.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
@@ -49,19 +66,39 @@ def check_count(name: str, value, minimum: int) -> int:
 def is_exporting() -> bool:
     """True while ``torch.export`` (also behind ``torch.onnx.export(dynamo=True)``) or ``torch.jit``
     traces or scripts the model: the layers then emit plain, value-only ops (no STE terms, no
-    autograd Function, no data-pointer cache)."""
+    autograd Function, no data-pointer cache).
+
+    Returns:
+        Whether an export, trace or script is in progress.
+    """
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
     return bool(torch.compiler.is_exporting())
 
 
 def sign(x: Tensor) -> Tensor:
-    """Sign with sign(0) = +1, so the result holds only ±1 (``torch.sign`` maps 0 to 0)."""
+    """Sign with sign(0) = +1, so the result holds only ±1 (``torch.sign`` maps 0 to 0).
+
+    Args:
+        x: any tensor.
+
+    Returns:
+        ±1 of ``x``'s shape and dtype.
+    """
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
 def weight_shifts(M: int, dtype=torch.float32, device=None) -> Tensor:
-    """The paper's shift grid uₘ = −1 + 2(m − 1)/(M − 1), m = 1..M; u = (0,) for M = 1."""
+    """The paper's shift grid uₘ = −1 + 2(m − 1)/(M − 1), m = 1..M; u = (0,) for M = 1.
+
+    Args:
+        M: the number of bases (≥ 1).
+        dtype: the dtype of the result.
+        device: the device of the result.
+
+    Returns:
+        (M,) shifts uₘ, evenly spaced over [−1, 1].
+    """
     check_count("M", M, 1)
     if M == 1:
         return torch.zeros(1, dtype=dtype, device=device)
@@ -75,7 +112,15 @@ def _stat_dims(weight: Tensor, scope: str) -> tuple[int, ...] | None:
 
 
 def weight_statistics(weight: Tensor, scope: str = "per_layer") -> tuple[Tensor, Tensor]:
-    """mean(W) and std(W) (population), broadcastable against W."""
+    """mean(W) and std(W) (population, ``ddof=0``).
+
+    Args:
+        weight: the weight W.
+        scope: ``"per_layer"`` (one mean and std) or ``"per_channel"`` (per output channel, dim 0).
+
+    Returns:
+        (mean, std), broadcastable against W.
+    """
     dims = _stat_dims(weight, scope)
     if dims is None:
         return weight.mean(), weight.std(unbiased=False)
@@ -83,9 +128,16 @@ def weight_statistics(weight: Tensor, scope: str = "per_layer") -> tuple[Tensor,
 
 
 def weight_bases(weight: Tensor, M: int, scope: str = "per_layer", shifts: Tensor | None = None) -> Tensor:
-    """Binary bases Bₘ = sign(W − mean(W) + uₘ·std(W)), stacked to shape (M, *W.shape), values ±1.
+    """Binary bases Bₘ = sign(W − mean(W) + uₘ·std(W)) (paper eq. 4).
 
-    ``shifts`` overrides the paper's grid uₘ (e.g. learned shifts); it must have M entries.
+    Args:
+        weight: the weight W.
+        M: the number of bases (≥ 1).
+        scope: ``"per_layer"`` or ``"per_channel"`` statistics.
+        shifts: M shifts replacing the paper's grid uₘ (e.g. learned shifts); None: the grid.
+
+    Returns:
+        (M, *W.shape) tensor of ±1 in W's dtype.
     """
     check_count("M", M, 1)
     u = weight_shifts(M, weight.dtype, weight.device) if shifts is None else shifts.to(weight.dtype)
@@ -117,7 +169,15 @@ def fit_alphas(weight: Tensor, bases: Tensor, scope: str = "per_layer") -> Tenso
     Solves the normal equations G α = Bᵀw on the M×M Gram matrix G = BBᵀ in float64 with a
     pseudo-inverse, so coinciding bases (tiny layers, M larger than the number of distinct values)
     give the minimum-norm solution instead of a singular-matrix error. The residual W − Σ αB is
-    orthogonal to every basis. Returns shape (M,) per layer and (M, C_out) per channel; no gradient.
+    orthogonal to every basis. No gradient.
+
+    Args:
+        weight: the weight W.
+        bases: (M, *W.shape) binary bases.
+        scope: ``"per_layer"`` or ``"per_channel"``.
+
+    Returns:
+        The alphas in W's dtype: shape (M,) per layer, (M, C_out) per channel.
     """
     with torch.no_grad():
         solver = _solver_device(weight.device)
@@ -139,8 +199,18 @@ def fit_alphas_adam(
 ) -> Tensor:
     """The seed notebook's alpha fit: ``steps`` Adam iterations on ‖W − Σₘ αₘBₘ‖², for comparison.
 
-    Starts from ``init`` (e.g. the previous step's alphas) or from mean|W|/M. Slower and never
-    better than :func:`fit_alphas`, which solves the same problem exactly.
+    Slower and never better than :func:`fit_alphas`, which solves the same problem exactly.
+
+    Args:
+        weight: the weight W.
+        bases: (M, *W.shape) binary bases.
+        scope: ``"per_layer"`` or ``"per_channel"``.
+        steps: Adam iterations.
+        lr: Adam's learning rate.
+        init: the alphas to start from (e.g. the previous step's); None: mean|W|/M.
+
+    Returns:
+        The alphas, shaped as :func:`fit_alphas` shapes them; no gradient.
     """
     w, b = _flatten(weight.detach(), bases.detach(), scope)
     if init is None:
@@ -167,13 +237,30 @@ def _expand_alphas(alphas: Tensor, weight: Tensor) -> Tensor:
 
 
 def combine(alphas: Tensor, bases: Tensor) -> Tensor:
-    """Σₘ αₘBₘ for per-layer (M,) or per-channel (M, C_out) alphas."""
+    """Σₘ αₘBₘ.
+
+    Args:
+        alphas: per-layer (M,) or per-channel (M, C_out) alphas.
+        bases: (M, *W.shape) binary bases.
+
+    Returns:
+        The approximation Ŵ, of W's shape.
+    """
     return (_expand_alphas(alphas, bases[0]) * bases).sum(dim=0)
 
 
 def residual_bases(weight: Tensor, M: int, scope: str = "per_layer") -> tuple[Tensor, Tensor]:
     """Greedy residual bases: B₁ = sign(W − mean(W)), Bₖ = sign(W − Σ_{j<k} αⱼBⱼ), alphas refitted
-    jointly by least squares after each step. Returns (bases, alphas) for all M bases."""
+    jointly by least squares after each step (no gradient).
+
+    Args:
+        weight: the weight W.
+        M: the number of bases (≥ 1).
+        scope: ``"per_layer"`` or ``"per_channel"``.
+
+    Returns:
+        (bases, alphas): (M, *W.shape) bases and their least-squares alphas (see :func:`fit_alphas`).
+    """
     check_count("M", M, 1)
     with torch.no_grad():
         mean, _ = weight_statistics(weight, scope)
@@ -186,7 +273,15 @@ def residual_bases(weight: Tensor, M: int, scope: str = "per_layer") -> tuple[Te
 
 
 def relative_error(weight: Tensor, approximation: Tensor) -> float:
-    """‖W − Ŵ‖ / ‖W‖."""
+    """‖W − Ŵ‖ / ‖W‖.
+
+    Args:
+        weight: the reference W.
+        approximation: its approximation Ŵ.
+
+    Returns:
+        The relative error (0.0 for an all-zero W).
+    """
     norm = weight.norm().item()
     return (weight - approximation).norm().item() / norm if norm > 0 else 0.0
 
@@ -201,6 +296,15 @@ class WeightBinarizer(nn.Module):
     Gradient: sign is treated as the identity (STE), the statistics and α as constants, so
     ∂c/∂W = Σₘ αₘ ∂c/∂Bₘ = (Σₘ αₘ) ∂c/∂Ŵ, with Ŵ = Σ αₘBₘ; with ``learn_u`` also
     ∂c/∂uₘ = αₘ · std(W) · Σ ∂c/∂Ŵ.
+
+    Args:
+        M: the number of bases (≥ 1).
+        scope: ``"per_layer"`` (the paper) or ``"per_channel"``.
+        bases: ``"shifted"`` (the paper's grid) or ``"residual"`` (greedy, for comparison).
+        learn_u: learn the shifts uₘ (shifted bases only).
+        alpha_fit: ``"lstsq"`` (closed form) or ``"adam"`` (the seed notebook's loop).
+        adam_steps: Adam iterations per fit with ``alpha_fit="adam"``.
+        out_channels: C_out, the length of the per-channel alphas.
     """
 
     def __init__(
@@ -232,14 +336,28 @@ class WeightBinarizer(nn.Module):
         self.register_buffer("alphas", torch.zeros(alpha_shape))
 
     def compute_bases(self, weight: Tensor) -> Tensor:
-        """The current bases (M, *W.shape), without gradient."""
+        """The current bases, without gradient.
+
+        Args:
+            weight: the layer's weight W.
+
+        Returns:
+            (M, *W.shape) binary bases for the current shifts.
+        """
         with torch.no_grad():
             if self.bases_scheme == "residual":
                 return residual_bases(weight, self.M, self.scope)[0]
             return weight_bases(weight, self.M, self.scope, self.shifts.detach())
 
     def refit(self, weight: Tensor) -> Tensor:
-        """Recompute the bases and their alphas from ``weight``, store the alphas, return the bases."""
+        """Recompute the bases and their alphas from ``weight`` and store the alphas.
+
+        Args:
+            weight: the layer's weight W.
+
+        Returns:
+            The (M, *W.shape) bases the stored alphas were fitted to.
+        """
         with torch.no_grad():
             if self.bases_scheme == "residual":
                 bases, alphas = residual_bases(weight, self.M, self.scope)  # already least squares
@@ -255,7 +373,15 @@ class WeightBinarizer(nn.Module):
         return bases
 
     def current_bases(self, weight: Tensor) -> Tensor:
-        """Training: refit alphas to the current W (every step). Eval: keep the frozen alphas."""
+        """The bases for this forward pass: training refits the alphas to the current W (every
+        step); eval keeps the frozen alphas.
+
+        Args:
+            weight: the layer's weight W.
+
+        Returns:
+            (M, *W.shape) binary bases, without gradient.
+        """
         return self.refit(weight) if self.training else self.compute_bases(weight)
 
     def _shift_carrier(self, weight: Tensor) -> Tensor | None:
@@ -267,7 +393,14 @@ class WeightBinarizer(nn.Module):
         return u.view(-1, *([1] * weight.dim())) * std.unsqueeze(0)
 
     def bases_with_grad(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """(bases, alphas) where each basis carries its own STE gradient (naive M·N reference path)."""
+        """The bases, each carrying its own STE gradient (the naive M·N reference path).
+
+        Args:
+            weight: the layer's weight W.
+
+        Returns:
+            (bases, alphas): (M, *W.shape) bases with gradient to W (and to learned shifts), and the alphas.
+        """
         bases = self.current_bases(weight) + (weight - weight.detach()).unsqueeze(0)
         shift_carrier = self._shift_carrier(weight)
         return (bases if shift_carrier is None else bases + shift_carrier), self.alphas
@@ -281,6 +414,12 @@ class WeightBinarizer(nn.Module):
         Σ αₘBₘ as one constant, exactly the eager weight. Otherwise (and under ``torch.compile``)
         the bases are computed from W by plain ops inside the graph; another runtime may then
         round mean/std differently and flip the sign of an entry lying on a basis' boundary.
+
+        Args:
+            weight: the layer's weight W.
+
+        Returns:
+            Ŵ = Σ αₘBₘ, W's shape, without gradient.
         """
         if is_exporting() or torch.compiler.is_compiling():
             if self._cache_is_current():
