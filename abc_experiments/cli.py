@@ -172,7 +172,7 @@ def unknown_override_key(argv: list[str]) -> str | None:
         with contextlib.redirect_stderr(io.StringIO()):  # Hydra's own parse reports a bad option once
             arguments, _ = get_args_parser().parse_known_args(argv)
         overrides = OverridesParser.create().parse_overrides(arguments.overrides)
-    except BaseException:  # noqa: BLE001  (argparse exits on --help and bad options: Hydra answers them)
+    except (SystemExit, Exception):  # argparse exits on a bad option, and Hydra answers it (or --help)
         return None
     for override in overrides:
         key = override.key_or_group

@@ -165,6 +165,12 @@ def test_unknown_override_key_checks_value_keys_only(argv, key):
     assert unknown_override_key(argv) == key
 
 
+def test_config_groups_are_the_folders_of_conf():
+    from abc_experiments.config import CONFIG_GROUPS
+
+    assert sorted(CONFIG_GROUPS) == sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name[0] != "_")
+
+
 def test_composed_config_with_an_added_key_is_refused(compose_cfg):
     """The Python path (compose + run) is closed too: validate() refuses what + added."""
     with pytest.raises(ConfigError, match=r"abc\.m is not a config key of abc-run \(did you mean abc\.M\?\)"):
