@@ -20,9 +20,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-
-# The fine-tuned ABC model of a finished run: the one its finetuned results were measured on.
-FINAL_CHECKPOINT = "finetuned.pt"
+from .results import FINAL_CHECKPOINT  # noqa: F401  (re-exported: where checkpoint code looks for it)
 
 
 class CheckpointError(RuntimeError):
@@ -33,18 +31,63 @@ class ResumeRefusedError(CheckpointError):
     """``resume=true`` with settings other than those of the run being resumed."""
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def _umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file here: 0o666 less the umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_write(path: Path | str):
+    """Write ``path`` all at once: yields a temporary name beside it to write to; when the block
+    ends without an error the file is renamed onto ``path`` (``os.replace``), else it is removed.
+    A reader, or a process killed mid-write, never sees half a file.
+
+    Arguments:
+        path: the file to create or replace (its folder is created).
+
+    Yields:
+        The temporary path to write (same folder, hidden name). It gets the mode a plain new
+        file gets under the umask, whatever mode the writer created it with (safetensors: 0600).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``path.write_text(text)`` through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+# How torch's weights-only unpickler words a refusal of a pickled Python object (a class, a
+# function, a call): the file is a pickle, just not weights only. Other errors mean damage.
+_PICKLED_OBJECT_SIGNS = ("GLOBAL ", "Trying to call reduce", "Can only create new object", "Can only build",
+                         "must be imported to load")
+
+
+def _holds_pickled_objects(path: Path, error: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only reader refused ``path`` for holding Python objects: it named one,
+    or the file is a plain pickle (protocol 3 or later: opcodes torch.save never writes)."""
+    if any(sign in str(error) for sign in _PICKLED_OBJECT_SIGNS):
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return "Unsupported operand" in str(error) and len(head) == 2 and head[0] == 0x80 and head[1] >= 3
 
 
 def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
@@ -55,13 +98,13 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # not a refused Python object: a damaged file
+        if not _holds_pickled_objects(path, error):  # not a refused object: damage
             raise CheckpointError(f"{what} {path} is not a readable torch checkpoint ({_first_sentence(error)}): "
                                   "it is corrupt or another format; delete it or point to another file") from None
         raise CheckpointError(
-            f"{what} {path} is not a safe weights-only checkpoint: it holds pickled Python objects, which "
-            "are never loaded here because unpickling can run arbitrary code. Re-save it as tensors only, "
-            "e.g. torch.save(model.state_dict(), path), or point to another file"
+            f"{what} {path} is not a safe weights-only checkpoint: it holds pickled Python objects and was not "
+            "loaded (unpickling them can run arbitrary code, so they are never loaded here). Re-save it as "
+            "tensors only, e.g. torch.save(model.state_dict(), path), or point to another file"
         ) from None
     except Exception as error:  # truncated zip, wrong format, ...
         raise CheckpointError(

@@ -13,6 +13,8 @@ sweep's closing table.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shlex
@@ -27,9 +29,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import config  # noqa: F401  (registers the schema and the run-dir resolvers)
 from .checkpoints import CheckpointError
-from .config import ConfigError, to_container
+from .config import CONFIG_GROUPS, ConfigError, is_config_key, to_container, unknown_key_error  # registers the schema
 from .data import DatasetUnavailableError
 from .models import PretrainedWeightsUnavailableError
 from .pipeline import read_earlier_summary, refuse_resume_message, resume_conflicts, run
@@ -57,7 +58,7 @@ def resume_command(run_dir: str | Path) -> str:
     """The command that resumes the run in ``run_dir``: this run's overrides, each quoted so that
     it pastes into a shell and parses in Hydra whatever the path holds (``=``, ``,``, spaces)."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("hydra.run.dir", "resume")]
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("hydra.run.dir", "resume")]
     words = ["abc-run", *(shlex.quote(o) for o in kept), override_arg("hydra.run.dir", run_dir), "resume=true"]
     return " ".join(words)
 
@@ -159,9 +160,42 @@ class RunCallbacks(Callback):
         print(f"abc-run: all {len(jobs)} job(s) finished")
 
 
+def unknown_override_key(argv: list[str]) -> str | None:
+    """The first override on the command line whose key the closed schema lacks (``abc.m=3``,
+    ``+abc.m=3``, ``~abc.m``), or None. Config groups (``dataset=mnist``), ``hydra.*`` keys and keys
+    below ``model.options`` are left to Hydra and the model's builder; so is an override that does
+    not parse (Hydra explains it)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # Hydra's own parse reports a bad option once
+            arguments, _ = get_args_parser().parse_known_args(argv)
+        overrides = OverridesParser.create().parse_overrides(arguments.overrides)
+    except (SystemExit, Exception):  # argparse exits on a bad option, and Hydra answers it (or --help)
+        return None
+    for override in overrides:
+        key = override.key_or_group
+        if "/" in key or override.package is not None or key.split(".")[0] == "hydra" or key in CONFIG_GROUPS:
+            continue
+        if not is_config_key(key):
+            return key
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="pkg://abc_experiments.conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     return run_job(cfg)
+
+
+def main() -> None:
+    """``abc-run``: refuse an unknown key in one line (before Hydra composes, creates a run dir or
+    imports anything heavy for the run), then hand the command line to Hydra."""
+    key = unknown_override_key(sys.argv[1:])
+    if key is not None:
+        print(f"[abc-run][ERROR] - {unknown_key_error(key)}", file=sys.stderr)
+        sys.exit(1)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ OmegaConf rejects ``abc.scope=typo`` while composing, naming the key and the val
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -21,6 +21,7 @@ from .nn.activations import KERNELS
 from .nn.layers import IMPLS
 from .nn.weights import ALPHA_FITS, BASES, SCOPES
 from .rundirs import register_resolvers
+from .settings import unknown_key_message
 from .training import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -162,6 +163,66 @@ class Config:
     experiment: Optional[str] = None  # name of the preset, set by conf/experiment/*.yaml
 
 
+# Free dicts in the closed schema: any key below them is checked by their owner (the model's builder).
+OPEN_KEYS = ("model.options",)
+# Config groups (folders of conf/): ``dataset=mnist`` picks a file, Hydra checks the choice.
+CONFIG_GROUPS = ("abc", "dataset", "experiment", "finetune", "hparams_search", "hydra", "model", "pretrain")
+
+
+def schema_keys(node: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema (``abc.M``, ``abc.calibration.batches``...), in order.
+
+    Arguments:
+        node: the dataclass to walk (the whole :class:`Config` by default).
+        prefix: prepended to each key (``"abc."`` for the ABC node's keys).
+
+    Returns:
+        The keys; an :data:`OPEN_KEYS` dict counts as one leaf.
+    """
+    keys = []
+    for item in fields(node):
+        name = f"{prefix}{item.name}"
+        default = item.default_factory() if callable(item.default_factory) else item.default
+        if is_dataclass(default) and name not in OPEN_KEYS:
+            keys += schema_keys(type(default), name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` names a leaf or a node of the schema, or a key below an open dict."""
+    keys = schema_keys()
+    return (key in keys or any(k.startswith(key + ".") for k in keys)
+            or any(key.startswith(open_key + ".") for open_key in OPEN_KEYS))
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """The dotted keys of a composed config that the schema lacks (added with ``+key=value`` or by a
+    preset), in order."""
+    valid = set(schema_keys())
+    found: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in OPEN_KEYS:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif name not in valid:
+                found.append(name)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return found
+
+
+def unknown_key_error(key: str) -> str:
+    """One line for a key the schema lacks: ``abc.m is not a config key of abc-run (did you mean abc.M?)...``"""
+    return (unknown_key_message(key, schema_keys(), "a config key of abc-run")
+            + "; the config is closed (a leading + adds no key): abc-run --cfg job lists every key")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
@@ -181,6 +242,9 @@ def validate(cfg: DictConfig) -> None:
     before anything trains. Raises :class:`ConfigError` naming the key and the fix."""
     from .models import check_model_options
 
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(unknown_key_error(unknown[0]))
     try:
         check_model_options(str(cfg.model.name), dict(cfg.model.options))
     except ValueError as error:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 SUMMARY_FILE = "summary.json"
+# The fine-tuned ABC model of a finished run (under checkpoints/): the one its finetuned results were measured on.
+FINAL_CHECKPOINT = "finetuned.pt"
 
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"
 STAGES = ("fp", "converted", "finetuned")
@@ -145,7 +147,7 @@ class RunSummary:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunSummary":
+    def from_dict(cls, data: dict) -> RunSummary:
         if not isinstance(data, dict):
             raise ValueError(f"a run summary is a JSON object, not {type(data).__name__}")
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
@@ -167,7 +169,7 @@ class RunSummary:
         os.replace(tmp, path)
 
     @classmethod
-    def read(cls, path: Path) -> "RunSummary":
+    def read(cls, path: Path) -> RunSummary:
         """Raises ``OSError`` (unreadable), ``ValueError`` (not JSON, or not a summary)."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 

@@ -13,19 +13,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from omegaconf import OmegaConf
-from torch import nn
+from .results import FINAL_CHECKPOINT, FINISHED, SUMMARY_FILE, RunSummary
+from .settings import unknown_key_message
 
-from .checkpoints import FINAL_CHECKPOINT, CheckpointError, load_checkpoint
-from .data import DatasetUnavailableError, build_datasets, build_loaders
-from .models import build_model
-from .nn import abc_layers
-from .results import FINISHED, SUMMARY_FILE, RunSummary
+if TYPE_CHECKING:  # torch is imported only once the arguments are checked: a refusal is instant
+    import torch
+    from torch import nn
 
 PROG = "abc-eval"
 CHECKPOINTS = {"best": FINAL_CHECKPOINT, "last": "finetune_last.pt"}
+# The settings an evaluation can change: which data it reads and how it computes; every other key
+# (abc.*, model.*, training settings) describes the trained model and is fixed by the run. Keys
+# under ``data.`` that the run's own config holds are accepted as well.
+EVAL_KEYS = ("dataset.name", "data.root", "data.download", "data.val_fraction", "data.num_workers", "data.verify",
+             "finetune.eval_batch_size", "precision", "channels_last")
 
 
 class RunError(ValueError):
@@ -54,12 +57,108 @@ def read_run(run_dir: str | Path) -> RunSummary:
     if not summary.config or summary.input_shape is None or summary.num_classes is None:
         raise RunError(f"{path} lacks the config or the input shape (written by an older abc-run): "
                        "run the experiment again to reopen it")
+    _check_abc_setting(path, summary)
     return summary
+
+
+def _check_abc_setting(path: Path, summary: RunSummary) -> None:
+    """The M and N that rebuild the model (the run's ``config.abc``) and the ones it reports
+    (``abc``) must be integers in range: an edited summary gets a message, not a traceback."""
+    config_abc = summary.config.get("abc") if isinstance(summary.config.get("abc"), dict) else {}
+    checks = (("config.abc.M", config_abc.get("M"), 1, False), ("config.abc.N", config_abc.get("N"), 0, True),
+              ("abc.M", summary.abc.M, 1, False), ("abc.N", summary.abc.N, 0, True))
+    for key, value, minimum, may_be_null in checks:
+        if value is None and may_be_null:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise RunError(f"{path}: {key} is {value!r}, not an integer ≥ {minimum}: the summary was edited or is "
+                           "corrupt, so the run cannot be reopened (restore its summary.json or run it again)")
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def eval_keys(summary: RunSummary) -> list[str]:
+    """The keys ``abc-eval`` accepts for this run: :data:`EVAL_KEYS` and the ``data.*`` keys of the
+    run's config."""
+    data = summary.config.get("data") if isinstance(summary.config.get("data"), dict) else {}
+    return list(dict.fromkeys([*EVAL_KEYS, *(f"data.{key}" for key in data)]))
+
+
+_MINIMUMS = {"finetune.eval_batch_size": 1, "data.num_workers": 0}
+
+
+def _checked_value(key: str, value: Any, like: Any) -> Any:
+    """``value`` if it has the type of the run's value ``like`` (and is in range), else RunError."""
+    if isinstance(like, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(like, int) or key in _MINIMUMS:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        ok, kind = whole or (value is None and like is None), "an integer"
+    elif isinstance(like, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind, value = value is not None, "a value", value if value is None else str(value)
+    if not ok:
+        raise RunError(f"{key}={value!r} is not {kind}")
+    if key in _MINIMUMS and value is not None and value < _MINIMUMS[key]:
+        raise RunError(f"{key}={value} is out of range: it must be ≥ {_MINIMUMS[key]}")
+    if key == "data.val_fraction" and not 0 < value < 1:
+        raise RunError(f"{key}={value} is out of range: it must be in (0, 1)")
+    return value
+
+
+def check_overrides(summary: RunSummary, overrides: Sequence[str]) -> dict[str, Any]:
+    """The ``KEY=VALUE`` overrides of an evaluation, checked without importing torch.
+
+    Arguments:
+        summary: the run's summary (:func:`read_run`).
+        overrides: e.g. ``["data.root=../shared/datasets", "finetune.eval_batch_size=512"]``.
+
+    Returns:
+        ``{key: value}`` with each value parsed as YAML (as Hydra parses it) and of the run's type.
+
+    Raises:
+        RunError: a malformed override, a key abc-eval does not accept (naming the closest one
+            that it does, or saying that the key describes the trained model), or a value of the
+            wrong type or out of range.
+    """
+    from omegaconf import OmegaConf  # light: no torch
+
+    accepted = eval_keys(summary)
+    run_settings = _flat(summary.config)
+    values: dict[str, Any] = {}
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        if not equals or not key or key[0] in "+~":
+            raise RunError(f"{override!r} is not KEY=VALUE (e.g. data.root=../shared/datasets)")
+        if key not in accepted:
+            if key in run_settings:
+                raise RunError(f"{key} describes how the model was trained, which abc-eval cannot change: "
+                               f"it accepts {', '.join(accepted)}")
+            raise RunError(f"{unknown_key_message(key, accepted, 'a key abc-eval accepts')}; "
+                           f"it accepts {', '.join(accepted)}")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+        except Exception as error:  # omegaconf's grammar errors
+            raise RunError(f"{override!r} does not parse ({str(error).splitlines()[0]})") from None
+        values[key] = _checked_value(key, value, run_settings.get(key))
+    return values
 
 
 def _add_calibration_biases(model: nn.Module, state: dict) -> None:
     """Calibration gives an ABC layer without a bias one (it folds the input offset there): make
     room for it before loading the state."""
+
+    from .nn import abc_layers
+
     for name, layer in abc_layers(model):
         if layer.bias is None and f"{name}.bias" in state:
             layer.add_calibration_bias()
@@ -67,6 +166,7 @@ def _add_calibration_biases(model: nn.Module, state: dict) -> None:
 
 def model_from_summary(summary: RunSummary) -> nn.Module:
     """The run's architecture, converted to ABC layers as the run converted it (untrained)."""
+    from .models import build_model
     from .pipeline import convert_from_config  # the same conversion as the run's
 
     config = summary.config
@@ -83,6 +183,8 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch
     best validation accuracy); ``"last"`` the last fine-tuning epoch. Raises :class:`RunError` for
     a missing, unfinished or corrupt run (and a checkpoint that does not fit).
     """
+    from .checkpoints import CheckpointError, load_checkpoint
+
     if which not in CHECKPOINTS:
         raise ValueError(f"which={which!r}: choose one of {', '.join(CHECKPOINTS)}")
     run_dir = Path(run_dir)
@@ -103,12 +205,18 @@ def load_run(run_dir: str | Path, which: str = "best", map_location: str | torch
 
 def test_loader(summary: RunSummary, overrides: Sequence[str] = (), device: str = "cpu"):
     """(loader of the test split, config) for a run: its own dataset and split, or the one that
-    ``overrides`` (``data.root=...``, ``dataset.name=...``) describe."""
+    ``overrides`` (``data.root=...``, ``dataset.name=...``; checked by :func:`check_overrides`)
+    describe."""
+    from omegaconf import OmegaConf
+
+    from .data import build_datasets, build_loaders
+    from .training import PRECISIONS
+
     config = OmegaConf.create(summary.config)
-    try:
-        config.merge_with_dotlist(list(overrides))
-    except Exception as error:  # omegaconf's errors for a malformed or unknown key
-        raise RunError(f"bad override ({error})") from None
+    for key, value in check_overrides(summary, overrides).items():
+        OmegaConf.update(config, key, value, force_add=True)
+    if str(config.get("precision", "32")) not in PRECISIONS:
+        raise RunError(f"precision={config.precision} is not a precision: use one of {', '.join(PRECISIONS)}")
     verify = config.data.get("verify", True)  # runs from before data.verify read only the official files
     if not isinstance(verify, bool):
         raise RunError(f"data.verify={verify} is not a boolean: give data.verify=true or data.verify=false")
@@ -126,6 +234,8 @@ def test_loader(summary: RunSummary, overrides: Sequence[str] = (), device: str 
 def evaluate_model(model: nn.Module, loader, device: str = "cpu", precision: str = "32",
                    channels_last: bool = False) -> dict:
     """Accuracy (%), loss, image count and images/s of ``model`` over ``loader``."""
+    import torch
+
     from .training import evaluate  # torch-heavy imports only when evaluating
 
     started = time.perf_counter()
@@ -153,13 +263,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "(or on the dataset the overrides describe).")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dataset overrides, e.g. data.root=../shared/datasets")
+                        help=f"what the evaluation may change: {', '.join(EVAL_KEYS)} "
+                             "(e.g. data.root=../shared/datasets)")
     parser.add_argument("--which", choices=tuple(CHECKPOINTS), default="best")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:K, mps or auto")
     args = parser.parse_args(argv)
+    from .devices import DeviceUnavailableError, check_device_name, resolve_device  # light: torch comes later
+
+    try:  # every check that needs no torch first: a wrong argument is refused at once
+        check_overrides(read_run(args.run_dir), args.overrides)
+        check_device_name(args.device, "--device ")
+    except (RunError, DeviceUnavailableError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    from .checkpoints import CheckpointError
+    from .data import DatasetUnavailableError
+
     try:
-        result = evaluate_run(args.run_dir, args.overrides, args.which, args.device)
-    except (RunError, DatasetUnavailableError, ValueError) as error:
+        device = str(resolve_device(args.device, "--device "))
+        result = evaluate_run(args.run_dir, args.overrides, args.which, device)
+    except (RunError, DeviceUnavailableError, DatasetUnavailableError, CheckpointError, ValueError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     same = "" if args.overrides else f" (the run reported {result['run_finetuned_acc']:.2f})"

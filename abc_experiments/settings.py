@@ -7,7 +7,8 @@ Hydra import, so abc-report stays light.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 
 # Keys that say where or how a run happens, not what it computes: a resume may change them. The
 # same list is hydra.job.config.override_dirname.exclude_keys in conf/hydra/default.yaml (a test
@@ -36,3 +37,28 @@ def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
     """``key: saved -> current`` for every flat setting that differs."""
     keys = sorted(set(saved) | set(current))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def closest_key(key: str, valid_keys: Iterable[str]) -> str | None:
+    """The valid key a mistyped ``key`` most likely meant, or None if none is close.
+
+    Arguments:
+        key: the dotted key as typed, e.g. ``"abc.m"``.
+        valid_keys: the dotted keys that exist.
+
+    Returns:
+        A key of ``valid_keys``: the one equal to ``key`` but for case (``abc.m`` -> ``abc.M``),
+        else the most similar one (ignoring case) if it is similar enough, else None.
+    """
+    valid = list(valid_keys)
+    by_lower = {name.lower(): name for name in valid}
+    if key.lower() in by_lower:
+        return by_lower[key.lower()]
+    matches = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[matches[0]] if matches else None
+
+
+def unknown_key_message(key: str, valid_keys: Iterable[str], what: str = "a config key") -> str:
+    """``"abc.m is not a config key (did you mean abc.M?)"``, or without the guess if none is close."""
+    guess = closest_key(key, valid_keys)
+    return f"{key} is not {what}" + (f" (did you mean {guess}?)" if guess else "")
