@@ -3,7 +3,8 @@
 Writes ``RUN_DIR/export/model.abc.safetensors`` (weight bases as bits, everything else as float
 tensors, the metadata to rebuild the model in the safetensors header: no pickle) and
 ``RUN_DIR/export/export.json``, after loading the file back and evaluating the packed model on the
-run's own test split next to the run's fine-tuned accuracy.
+run's own test split next to the run's fine-tuned accuracy. Each packed layer keeps its own M and N
+(per-layer precision, ``abc.layers``): ``export.json`` lists them as the loaded file has them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def architecture_of(summary) -> dict:
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Pack, save, reload and evaluate the run's model; returns what export.json holds."""
-    from .packed import get_isa, load_packed, pack_model, packed_size_report, save_packed
+    from .packed import get_isa, load_packed, pack_model, packed_layers, packed_size_report, save_packed
 
     run_dir = Path(run_dir)
     summary = read_run(run_dir)
@@ -46,6 +47,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     report = {
         "run_dir": str(run_dir.absolute()), "file": str(path.absolute()),
         "model": summary.model, "dataset": summary.dataset, "M": summary.abc.M, "N": summary.abc.N,
+        "abc_layers": dict(summary.abc.layers),  # the run's per-layer overrides (pattern -> {M, N})
+        "layers": [{"name": name, "M": layer.M, "N": layer.N} for name, layer in packed_layers(packed)],
         "finetuned_acc": summary.finetuned.acc, "packed_acc": result["acc"], "packed_loss": result["loss"],
         "test_size": result["images"], "packed_images_per_s": result["images_per_s"], "kernel": get_isa(),
         **{key: sizes[key] for key in ("file_bytes", "fp32_bytes", "binary_weight_bytes", "float_bytes",
@@ -56,12 +59,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 def format_report(report: dict) -> str:
+    """The export report as aligned ``name  value`` lines for the console."""
+    ms = sorted({layer["M"] for layer in report.get("layers", [])}) or [report["M"]]
+    per_layer = f"M = {report['M']}" if len(ms) == 1 else f"M = {ms[0]}–{ms[-1]} by layer"
     rows = [
         ("fine-tuned accuracy (run)", f"{report['finetuned_acc']:.2f} %"),
         ("packed accuracy (file)", f"{report['packed_acc']:.2f} %  on {report['test_size']} test images"),
         ("file", f"{report['file_bytes']:,} bytes  ({report['file']})"),
         ("float32 weights", f"{report['fp32_bytes']:,} bytes  ({report['ratio']:.1f}x the file)"),
-        ("bits per binary weight", f"{report['bits_per_binary_weight']:.3f}  (M = {report['M']})"),
+        ("bits per binary weight", f"{report['bits_per_binary_weight']:.3f}  ({per_layer})"),
         ("binary kernel", f"{report['kernel']}  ({report['packed_images_per_s']:.0f} images/s)"),
     ]
     width = max(len(name) for name, _ in rows)
