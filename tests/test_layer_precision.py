@@ -176,6 +176,16 @@ def test_the_run_summary_records_the_mapping_and_each_layers_precision(mixed_run
     assert RunSummary.read(mixed_run / "summary.json").abc.layers == {"conv2": {"M": 4, "N": 1}}
 
 
+def test_a_resume_with_another_mapping_is_refused(mixed_run):
+    from abc_experiments.resume import read_earlier_summary, resume_conflicts
+
+    earlier = read_earlier_summary(mixed_run)
+    same = flat_settings(earlier.config)
+    assert resume_conflicts(earlier, same) == []
+    other = flat_settings({**earlier.config, "abc": {**earlier.config["abc"], "layers": {"conv2": {"M": 5}}}})
+    assert resume_conflicts(earlier, other) == ["abc.layers: '{conv2: {M: 4, N: 1}}' -> '{conv2: {M: 5}}'"]
+
+
 def test_tensorboard_hparams_hold_the_mapping_and_the_mean_bits(mixed_run):
     accumulator = EventAccumulator(str(mixed_run / "tb" / "abc")).Reload()
     content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
