@@ -89,6 +89,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class LayerPrecision:
+    """One ``abc.layers`` entry: the M and N of the layers its pattern matches (None: the global
+    ``abc.M`` / ``abc.N``; N = 0 is full-precision activations)."""
+
+    M: Optional[int] = None
+    N: Optional[int] = None
+
+
+@dataclass
 class ABCConfig:
     M: int = 3
     N: Optional[int] = 3  # 0 or null: full-precision activations (weight-only ABC)
@@ -97,6 +106,10 @@ class ABCConfig:
     keep_last: bool = True  # final classifier stays full precision
     linear: bool = False  # also convert hidden fully connected layers
     exclude: List[str] = field(default_factory=list)  # fnmatch patterns of module names to keep
+    # Per-layer precision: fnmatch globs on module names ('layer1.*', 'layer3.2.conv2'; '*' matches
+    # dots too) -> {M, N} overriding abc.M / abc.N; the first matching pattern wins; a pattern that
+    # sets no converted layer is refused before training (abc_experiments.nn.convert).
+    layers: Dict[str, LayerPrecision] = field(default_factory=dict)
     impl: Impl = Impl.fused
     bases: Bases = Bases.shifted
     learn_u: bool = False
@@ -224,7 +237,11 @@ def unknown_key_error(key: str) -> str:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="base_config", node=Config)
+    schema = OmegaConf.structured(Config)
+    # Hydra puts the whole config in struct mode (no new keys); abc.layers's keys are the user's
+    # patterns, so it accepts new ones (each still typed as LayerPrecision: M, N only).
+    OmegaConf.set_struct(schema.abc.layers, False)
+    ConfigStore.instance().store(name="base_config", node=schema)
 
 
 def _check_min(key: str, value, minimum) -> None:
@@ -251,6 +268,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.options: {error}") from None
     _check_min("abc.M", cfg.abc.M, 1)
     _check_min("abc.N", cfg.abc.N, 0)
+    for pattern, precision in (cfg.abc.get("layers") or {}).items():
+        if not str(pattern).strip():
+            raise ConfigError("abc.layers: an empty pattern; give module-name globs such as layer1.* or layer3.2.conv2")
+        _check_min(f"abc.layers.{pattern}.M", precision.M, 1)
+        _check_min(f"abc.layers.{pattern}.N", precision.N, 0)
     if cfg.abc.learn_u and cfg.abc.bases != "shifted":
         raise ConfigError("abc.learn_u=true needs abc.bases=shifted (residual bases have no shifts to learn)")
     _check_min("abc.calibration.batches", cfg.abc.calibration.batches, 0)

@@ -3,7 +3,8 @@
 Writes ``RUN_DIR/export/model.abc.safetensors`` (weight bases as bits, everything else as float
 tensors, the metadata to rebuild the model in the safetensors header: no pickle) and
 ``RUN_DIR/export/export.json``, after loading the file back and evaluating the packed model on the
-run's own test split next to the run's fine-tuned accuracy.
+run's own test split next to the run's fine-tuned accuracy. Each packed layer keeps its own M and N
+(per-layer precision, ``abc.layers``): ``export.json`` lists them as the loaded file has them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     does not describe (an interrupted export leaves the model file without a report).
     """
     from .checkpoints import atomic_write, atomic_write_text
-    from .packed import get_isa, load_packed, pack_model, packed_size_report, read_packed, save_packed
+    from .packed import get_isa, load_packed, pack_model, packed_layers, packed_size_report, read_packed, save_packed
     from .runs import evaluate_model, load_run, test_loader
 
     run_dir = Path(run_dir)
@@ -73,6 +74,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
         "run_dir": str(run_dir.absolute()), "file": str(path.absolute()),
         "model": architecture.get("name"), "dataset": architecture.get("dataset"),
         "M": _one_or_all(meta["M"]), "N": _one_or_all(meta["N"]),
+        "abc_layers": dict(summary.abc.layers or {}),  # the run's per-layer overrides (pattern -> {M, N})
+        "layers": [{"name": name, "M": layer.M, "N": layer.N} for name, layer in packed_layers(packed)],
         "finetuned_acc": summary.finetuned.acc, "packed_acc": result["acc"], "packed_loss": result["loss"],
         "test_size": result["images"], "packed_images_per_s": result["images_per_s"], "kernel": get_isa(),
         **{key: sizes[key] for key in ("file_bytes", "fp32_bytes", "binary_weight_bytes", "float_bytes",
@@ -83,7 +86,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 def format_report(report: dict) -> str:
-    M = ", ".join(map(str, report["M"])) if isinstance(report["M"], list) else report["M"]
+    """The export report as aligned ``name  value`` lines for the console."""
+    ms = sorted({layer["M"] for layer in report.get("layers", [])})
+    if len(ms) > 1:
+        M = f"{ms[0]}–{ms[-1]} by layer"
+    else:
+        M = ", ".join(map(str, report["M"])) if isinstance(report["M"], list) else report["M"]
     rows = [
         ("fine-tuned accuracy (run)", f"{report['finetuned_acc']:.2f} %"),
         ("packed accuracy (file)", f"{report['packed_acc']:.2f} %  on {report['test_size']} test images"),

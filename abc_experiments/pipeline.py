@@ -26,7 +26,8 @@ from .checkpoints import (FINAL_CHECKPOINT, CheckpointError, PretrainCache, Resu
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
 from .models import build_model
-from .nn import ConversionReport, NothingToConvertError, abc_layers, calibrate, convert, plan_conversion
+from .nn import (ConversionReport, LayerPrecisionError, NothingToConvertError, abc_layers, calibrate, convert,
+                 check_layer_precision, plan_conversion)
 from .nn import summary as model_summary
 from .devices import DeviceUnavailableError, resolve_device
 from .distillation import DistillationCriterion
@@ -34,7 +35,7 @@ from .progress import Progress
 from .results import (FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
                       StageResult)
 from .resume import read_earlier_summary, refuse_resume_message, resume_conflicts, resume_requested
-from .settings import flat_settings
+from .settings import flat_settings, format_layer_precision
 from .tb import Boards
 from .training import (FitResult, Metrics, StageEnvironment, StopRequest, TrainingInterrupted, autocast, evaluate,
                        log_epoch, seed_stage, train_stage)
@@ -77,7 +78,8 @@ class Experiment:
         self.resume = resume_requested(cfg.resume)
         self.summary = RunSummary(
             dataset=str(cfg.dataset.name), model=str(cfg.model.name), seed=cfg.seed,
-            abc=ABCSetting(M=cfg.abc.M, N=cfg.abc.N or 0, scope=str(cfg.abc.scope)), run_dir=str(self.run_dir),
+            abc=ABCSetting(M=cfg.abc.M, N=cfg.abc.N or 0, scope=str(cfg.abc.scope), layers=_layer_overrides(cfg.abc)),
+            run_dir=str(self.run_dir),
             experiment=cfg.experiment, world_size=self.ctx.world_size, precision=str(cfg.precision),
             config=to_container(cfg),
         )
@@ -132,11 +134,15 @@ class Experiment:
         return earlier
 
     def plan(self, model: nn.Module) -> None:
-        """Refuse a conversion that cannot work before anything trains, with the config keys to change."""
+        """Refuse a conversion that cannot work before anything trains (right after the model is
+        built, before pretraining), with the config keys to change: nothing to convert, or an
+        ``abc.layers`` pattern that sets no converted layer."""
         cfg = self.cfg.abc
         try:
             plan_conversion(model, cfg.M, cfg.N, linear=cfg.linear, keep_first=cfg.keep_first,
-                            keep_last=cfg.keep_last, exclude=list(cfg.exclude))
+                            keep_last=cfg.keep_last, exclude=list(cfg.exclude), layers=cfg.get("layers"))
+        except LayerPrecisionError as error:
+            raise ConfigError(f"abc.{error} (model={self.cfg.model.name})") from None
         except NothingToConvertError as error:
             fixes = [key for key, taken in (("abc.keep_first=false", not cfg.keep_first),
                                             ("abc.keep_last=false", not cfg.keep_last),
@@ -198,7 +204,9 @@ class Experiment:
         per-layer activation errors (the summary's ``conversion``)."""
         cfg = self.cfg.abc
         seed_stage(self.cfg.seed, "convert")
-        log.info("converting to ABC(M=%d, N=%s)%s...", cfg.M, cfg.N,
+        overrides = format_layer_precision(_layer_overrides(cfg))
+        log.info("converting to ABC(M=%d, N=%s)%s%s...", cfg.M, cfg.N,
+                 f" with abc.layers={overrides}" if overrides else "",
                  f" and calibrating on {cfg.calibration.batches} batches" if cfg.calibration.batches else "")
         report = convert_from_config(model, cfg)
         log.info("%s", report)
@@ -324,13 +332,29 @@ class Experiment:
         return summary
 
 
+def _layer_overrides(abc: Mapping) -> dict[str, dict[str, int]]:
+    """``abc.layers`` as plain data with only the keys set (absent in configs from before it)."""
+    try:
+        return check_layer_precision(abc.get("layers"))
+    except LayerPrecisionError as error:
+        raise ConfigError(f"abc.{error}") from None
+
+
 def convert_from_config(model: nn.Module, abc: Mapping) -> ConversionReport:
     """:func:`abc_experiments.nn.convert` with the ``abc`` config group's settings (a DictConfig or
-    the plain dict a summary.json holds)."""
+    the plain dict a summary.json holds), per-layer precision (``abc.layers``) included.
+
+    Arguments:
+        model: the full-precision model, converted in place.
+        abc: the ``abc`` config group.
+
+    Returns:
+        The :class:`ConversionReport`.
+    """
     return convert(model, abc["M"], abc["N"], scope=str(abc["scope"]), linear=abc["linear"],
                    keep_first=abc["keep_first"], keep_last=abc["keep_last"], exclude=list(abc["exclude"]),
                    impl=str(abc["impl"]), bases=str(abc["bases"]), learn_u=abc["learn_u"],
-                   alpha_fit=str(abc["alpha_fit"]), kernel=str(abc["kernel"]))
+                   alpha_fit=str(abc["alpha_fit"]), kernel=str(abc["kernel"]), layers=_layer_overrides(abc))
 
 
 def results_table(summary: RunSummary) -> str:
@@ -342,7 +366,9 @@ def results_table(summary: RunSummary) -> str:
     se = summary.finetuned.standard_error()
     rows.append(f"test set: {summary.finetuned.test_size} images (standard error of an accuracy there: "
                 f"{se:.2f} points)" if se is not None else "")
-    rows.append(f"ABC(M={summary.abc.M}, N={summary.abc.N}) on {summary.model}/{summary.dataset}: "
+    overrides = format_layer_precision(summary.abc.layers)
+    rows.append(f"ABC(M={summary.abc.M}, N={summary.abc.N}"
+                f"{f', abc.layers={overrides}' if overrides else ''}) on {summary.model}/{summary.dataset}: "
                 f"{summary.size.fp_kb:.1f} kB -> {summary.size.abc_kb:.1f} kB; "
                 f"summary: {Path(summary.run_dir) / SUMMARY_FILE}")
     return "\n".join(row for row in rows if row)

@@ -66,6 +66,9 @@ class ABCSetting:
     M: int
     N: int  # 0: full-precision activations (weight-only ABC)
     scope: str = "per_layer"
+    # abc.layers: module-name pattern -> {M, N} overriding M and N (only the keys set); each
+    # converted layer's own M and N are in RunSummary.layers and conversion["layer_precision"].
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +80,9 @@ class SizeSummary:
     compression: float
     total_macs: int | None = None
     binary_mac_share: float | None = None
+    mean_M: float | None = None  # weight bases per binary weight, over the converted layers
+    mean_N: float | None = None  # activation bases per MAC of the converted layers (needs MACs)
+    binary_macs: int | None = None  # Σ M·N·MACs per example: the binary operations
 
 
 @dataclass
@@ -152,7 +158,8 @@ class RunSummary:
             raise ValueError(f"a run summary is a JSON object, not {type(data).__name__}")
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         abc = data.get("abc") if isinstance(data.get("abc"), dict) else {}
-        values["abc"] = ABCSetting(M=abc.get("M"), N=abc.get("N") or 0, scope=abc.get("scope", "per_layer"))
+        values["abc"] = ABCSetting(M=abc.get("M"), N=abc.get("N") or 0, scope=abc.get("scope", "per_layer"),
+                                   layers=dict(abc["layers"]) if isinstance(abc.get("layers"), dict) else {})
         for stage in STAGES:
             values[stage] = _from_mapping(StageResult, data.get(stage))
         values["size"] = _from_mapping(SizeSummary, data.get("size"))

@@ -17,14 +17,45 @@ RUN_ONLY_KEYS = frozenset({"resume", "progress", "device", "run_dir", "cache_dir
                            "data.verify", "data.num_workers", "pretrain.reuse", "pretrain.checkpoint"})
 
 
+# Mappings that are ONE setting: abc.layers's keys are module-name patterns (dots in them) and its
+# order matters (the first matching pattern wins), so it is compared and shown as a whole.
+WHOLE_MAPPING_KEYS = frozenset({"abc.layers"})
+
+
+def format_layer_precision(layers: Mapping | None) -> str:
+    """An ``abc.layers`` mapping as one line in Hydra's override syntax, in its order, without the
+    keys left to the global value: ``{layer1.*: {M: 5}, layer3.2.conv2: {M: 1, N: 1}}``; ``""``
+    for none.
+
+    Arguments:
+        layers: pattern -> mapping with ``M`` and/or ``N`` (None values are left out).
+
+    Returns:
+        The text (``abc.layers=<text>`` on a command line gives the same mapping).
+    """
+    if not layers:
+        return ""
+    entries = []
+    for pattern, values in layers.items():
+        values = values if isinstance(values, Mapping) else {"?": values}
+        inner = ", ".join(f"{key}: {value}" for key, value in values.items() if value is not None)
+        entries.append(f"{pattern}: {{{inner}}}")
+    return "{" + ", ".join(entries) + "}"
+
+
 def flat_settings(config: Mapping, skip: frozenset[str] = RUN_ONLY_KEYS) -> dict:
-    """``config`` flattened to ``{"abc.M": 3, ...}`` without the keys in ``skip``."""
+    """``config`` flattened to ``{"abc.M": 3, ...}`` without the keys in ``skip``. A non-empty
+    ``abc.layers`` is one setting, its :func:`format_layer_precision` text; an empty one is left
+    out (the same as a config from before the key existed)."""
     flat: dict = {}
 
     def walk(node: Mapping, prefix: str) -> None:
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
+            if name in WHOLE_MAPPING_KEYS:
+                if value and name not in skip:
+                    flat[name] = format_layer_precision(value) if isinstance(value, Mapping) else value
+            elif isinstance(value, Mapping):
                 walk(value, name + ".")
             elif name not in skip:
                 flat[name] = value

@@ -17,6 +17,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from .nn import abc_layers
 from .results import RunSummary, StageResult
+from .settings import format_layer_precision
 
 # Per-epoch tags the HParams dashboard shows as each run's metrics (their last value).
 HPARAM_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
@@ -67,6 +68,11 @@ class Boards:
             "finetune_epochs": cfg["finetune"]["epochs"], "calibration_batches": cfg["abc"]["calibration"]["batches"],
             "distill_weight": cfg["finetune"].get("distill", {}).get("weight", 0.0),
             "distill_temperature": cfg["finetune"].get("distill", {}).get("temperature", 0.0),
+            # Per-layer precision: abc.layers as one string ("" = uniform), and the averages over
+            # the converted layers (M per binary weight, N per MAC; the global values when uniform).
+            "layers": format_layer_precision(summary.abc.layers),
+            "mean_M": _mean(summary, "mean_M", summary.abc.M),
+            "mean_N": _mean(summary, "mean_N", summary.abc.N),
         }
         metrics = dict.fromkeys(HPARAM_METRICS, 0.0)  # the values come from the tags themselves
         writer = self.abc._get_file_writer() if hasattr(self.abc, "_get_file_writer") else None
@@ -78,3 +84,8 @@ class Boards:
     def close(self) -> None:
         self.fp.close()
         self.abc.close()
+
+
+def _mean(summary: RunSummary, key: str, default) -> float:
+    value = getattr(summary.size, key, None) if summary.size is not None else None
+    return float(default if value is None else value)

@@ -42,7 +42,7 @@ def test_run_writes_summary_checkpoints_and_tensorboard(compose_cfg, tmp_path):
     assert metric == summary["finetuned"]["val_acc"]
     for stage in ("fp", "converted", "finetuned"):
         assert 0 <= summary[stage]["acc"] <= 100 and summary[stage]["loss"] > 0
-    assert summary["abc"] == {"M": 2, "N": 2, "scope": "per_layer"}
+    assert summary["abc"] == {"M": 2, "N": 2, "scope": "per_layer", "layers": {}}
     assert summary["gaps"]["finetuned"] == pytest.approx(summary["fp"]["acc"] - summary["finetuned"]["acc"])
     assert [layer["name"] for layer in summary["layers"]] == ["conv2"]
     assert 0 < summary["layers"][0]["weight_error"] < 1 and 0 < summary["layers"][0]["activation_error"] < 1

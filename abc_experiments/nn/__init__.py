@@ -4,7 +4,15 @@ Network", NIPS 2017, arXiv 1711.11294). No Hydra here: the runner composes these
 
 from .activations import ActivationBinarizer, fit_activation_bases, heaviside_bases
 from .calibrate import calibrate, recalibrate_batchnorm
-from .convert import ConversionReport, NothingToConvertError, abc_layers, convert, plan_conversion
+from .convert import (
+    ConversionReport,
+    LayerPrecisionError,
+    NothingToConvertError,
+    abc_layers,
+    check_layer_precision,
+    convert,
+    plan_conversion,
+)
 from .layers import ABCConv2d, ABCLayer, ABCLinear
 from .summary import LayerSummary, ModelSummary, summary
 from .weights import (
@@ -20,7 +28,7 @@ from .weights import (
 
 __all__ = [
     "ABCConv2d", "ABCLayer", "ABCLinear", "ActivationBinarizer", "ConversionReport", "LayerSummary",
-    "NothingToConvertError", "plan_conversion",
+    "LayerPrecisionError", "NothingToConvertError", "check_layer_precision", "plan_conversion",
     "ModelSummary", "WeightBinarizer", "abc_layers", "calibrate", "combine", "convert",
     "fit_activation_bases", "fit_alphas", "fit_alphas_adam", "heaviside_bases", "recalibrate_batchnorm",
     "residual_bases", "sign", "summary", "weight_bases", "weight_shifts",

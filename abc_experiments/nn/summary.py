@@ -37,6 +37,11 @@ class ModelSummary:
     compression: float
     total_macs: int | None
     binary_mac_share: float | None  # share of the original MACs run as binary M·N convolutions
+    # Per-layer precision in one number each: M averaged over the binary weights, N over the
+    # converted layers' MACs (None without MACs); binary_macs = Σ M·N·MACs, the binary operations.
+    mean_M: float | None = None
+    mean_N: float | None = None
+    binary_macs: int | None = None
 
     def to_dict(self) -> dict:
         """The summary as plain data: the run summary's part (``abc_experiments.results``).
@@ -62,6 +67,10 @@ class ModelSummary:
                     f"(compression {self.compression:.2f}x)")
         if self.binary_mac_share is not None:
             rows.append(f"MACs per example: {self.total_macs:,}, binary share {100 * self.binary_mac_share:.1f}%")
+        if len({(s.M, s.N) for s in self.layers}) > 1:  # per-layer precision: the averages
+            mean_n = "" if self.mean_N is None else f", mean N {self.mean_N:.2f} per MAC"
+            binary = "" if self.binary_macs is None else f", {self.binary_macs:,} binary MACs (M·N·MACs)"
+            rows.append(f"per-layer precision: mean M {self.mean_M:.2f} per binary weight{mean_n}{binary}")
         return "\n".join(rows)
 
 
@@ -93,15 +102,16 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
     """Per converted layer: relative weight error, activation error after calibration, binary
     weight count, bits stored (M bits per weight + 32-bit alphas), binary MACs (M·N binary
     convolutions); totals: size in kB (1 kB = 1000 bytes) at 32 bit vs ABC, compression ratio,
-    share of MACs that are binary. Biases that calibration added (``bias_from_calibration``) count
-    for the ABC model only.
+    share of MACs that are binary (biases that calibration added count for the ABC model only); with
+    per-layer precision, M averaged over the binary weights, N over the converted MACs, and the
+    binary MACs Σ M·N·MACs. Every figure uses each layer's own M and N. MAC counts need ``example_input`` (one batch is enough).
 
     Args:
         model: a converted model.
-        example_input: one batch of inputs, for the MAC counts (None: no MAC counts).
+        example_input: one batch, for the MAC counts (None: no MAC figures).
 
     Returns:
-        The :class:`ModelSummary` (``str()`` of it is a table).
+        The :class:`ModelSummary`.
     """
     macs = _count_macs(model, example_input) if example_input is not None else None
     layers, abc_params, converted_weights = [], set(), set()
@@ -130,6 +140,12 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
     share = None
     if total_macs:
         share = sum(s.macs for s in layers if s.N > 0) / total_macs
+    weights = sum(s.binary_weights for s in layers)
+    mean_m = sum(s.M * s.binary_weights for s in layers) / weights if weights else None
+    converted_macs = None if macs is None else sum(s.macs for s in layers)
+    mean_n = sum(s.N * s.macs for s in layers) / converted_macs if converted_macs else None
+    binary_macs = None if macs is None else sum(s.binary_macs for s in layers)
     return ModelSummary(layers=layers, fp_kb=fp_bits / 8000, abc_kb=abc_bits / 8000,
                         compression=fp_bits / abc_bits if abc_bits else 1.0,
-                        total_macs=total_macs, binary_mac_share=share)
+                        total_macs=total_macs, binary_mac_share=share, mean_M=mean_m, mean_N=mean_n,
+                        binary_macs=binary_macs)

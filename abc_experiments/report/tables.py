@@ -47,6 +47,12 @@ def _text(value) -> str:
     return "?" if value is None else str(value)
 
 
+def markdown_literal(text: str) -> str:
+    """``text`` with Markdown's emphasis characters escaped: variants can hold globs such as
+    ``abc.layers={layer1.*: {M: 5}, layer2.*: {N: 1}}``, whose ``*`` would turn into italics."""
+    return text.replace("*", "\\*")
+
+
 def format_stat(stat: tuple[float, float | None] | None, decimals: int) -> str:
     """``mean ± std`` (just the value for one seed); ``–`` without values."""
     if stat is None:
@@ -96,7 +102,7 @@ def results_table(results: Sequence[ConfigResult]) -> str:
     variants = any(r.variant for r in results)
     rows = []
     for r in results:
-        row = [r.id, _text(r.dataset), _text(r.model), *([r.variant] if variants else []), _text(r.M),
+        row = [r.id, _text(r.dataset), _text(r.model), *([markdown_literal(r.variant)] if variants else []), _text(r.M),
                format_n(r.N), format_seeds(r.seeds), format_test_size(r.test_sizes) or MISSING]
         for metric in METRICS:
             row.append(format_stat(r.stats(metric.column), metric.decimals))
@@ -157,7 +163,7 @@ def precision_section(results: Sequence[ConfigResult]) -> str:
     for call in calls:
         members = [r for r in results if r.group == call.group]
         size = format_test_size(all_test_sizes(members))
-        prefix = f"- **{group_label(call.group)}** (test set: {size} images): "
+        prefix = f"- **{markdown_literal(group_label(call.group))}** (test set: {size} images): "
         notes = []
         if call.within:
             listed = ", ".join(f"{config_label(r, False)} (id {r.id}, {r.mean('finetuned_acc'):.2f}%)"
