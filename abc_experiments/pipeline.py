@@ -21,24 +21,48 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import distributed
-from .checkpoints import (FINAL_CHECKPOINT, CheckpointError, PretrainCache, ResumeRefusedError, atomic_save,
-                          load_checkpoint, load_model_state)
+from .checkpoints import (
+    FINAL_CHECKPOINT,
+    CheckpointError,
+    PretrainCache,
+    ResumeRefusedError,
+    atomic_save,
+    load_checkpoint,
+    load_model_state,
+)
 from .config import ConfigError, to_container, validate
 from .data import build_datasets, build_loaders
-from .models import build_model
-from .nn import (ConversionReport, LayerPrecisionError, NothingToConvertError, abc_layers, calibrate, convert,
-                 check_layer_precision, plan_conversion)
-from .nn import summary as model_summary
 from .devices import DeviceUnavailableError, resolve_device
 from .distillation import DistillationCriterion
+from .models import build_model
+from .nn import (
+    ConversionReport,
+    LayerPrecisionError,
+    NothingToConvertError,
+    abc_layers,
+    calibrate,
+    check_layer_precision,
+    convert,
+    plan_conversion,
+)
+from .nn import summary as model_summary
 from .progress import Progress
-from .results import (FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary,
-                      StageResult)
+from .results import FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary, StageResult
 from .resume import read_earlier_summary, refuse_resume_message, resume_conflicts, resume_requested
 from .settings import flat_settings, format_layer_precision
 from .tb import Boards
-from .training import (FitResult, Metrics, StageEnvironment, StopRequest, TrainingInterrupted, autocast, evaluate,
-                       log_epoch, seed_stage, train_stage)
+from .training import (
+    FitResult,
+    Metrics,
+    StageEnvironment,
+    StopRequest,
+    TrainingInterrupted,
+    autocast,
+    evaluate,
+    log_epoch,
+    seed_stage,
+    train_stage,
+)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when training code changes what a cached model would be
@@ -150,7 +174,8 @@ class Experiment:
             if cfg.exclude:
                 fixes.append(f"fewer abc.exclude patterns (now {list(cfg.exclude)})")
             kept = "; ".join(f"{name}: {why}" for name, why in error.report.kept.items()) or "no conv or linear layers"
-            raise ConfigError(f"abc: nothing to convert in model={self.cfg.model.name}: every layer stays full precision "
+            raise ConfigError(f"abc: nothing to convert in model={self.cfg.model.name}: every layer stays full "
+                              "precision "
                               f"({kept}). Set {' or '.join(fixes) or 'another model'}.") from None
 
     # ---- stages --------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,2", help="comma list of torch.set_num_threads values")
     parser.add_argument("--kernels", default="auto,bucket",
-                        help=f"activation kernels for the layer part, the first is held to the targets ({', '.join(KERNELS)})")
+                        help="activation kernels for the layer part, the first is held to the targets "
+                             f"({', '.join(KERNELS)})")
     parser.add_argument("--pairs", type=pairs, default=[(5, 5)], help="layer (M,N) pairs, e.g. '1,1;3,3;5,5'")
     parser.add_argument("--configs", default="cifar,seed", help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=15, help="timed layer iterations per case (median)")
@@ -232,7 +233,8 @@ def main(argv=None) -> dict:
             checks.append(dict(what=f"epoch {row['model']} ABC({row['M']},{row['N']}) threads {row['threads']}",
                                ratio=row["ratio"], limit=EPOCH_LIMIT, met=row["ratio"] <= EPOCH_LIMIT))
     for check in checks:
-        print(f"target {check['what']}: {check['ratio']:.2f}× ≤ {check['limit']}×  {'MET' if check['met'] else 'NOT met'}")
+        verdict = "MET" if check["met"] else "NOT met"
+        print(f"target {check['what']}: {check['ratio']:.2f}× ≤ {check['limit']}×  {verdict}")
     result = dict(meta=meta, rows=rows, targets=checks)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

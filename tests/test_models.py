@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from abc_experiments.nn import ABCConv2d, calibrate, convert
 from abc_experiments.models import MODELS, PretrainedWeightsUnavailableError, build_model
+from abc_experiments.nn import ABCConv2d, calibrate, convert
 
 CHECKPOINT = "resnet18-f37072fd.pth"
 

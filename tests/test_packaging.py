@@ -21,7 +21,8 @@ def test_wheel_ships_every_config_and_the_installed_copy_finds_them(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("abc_experiments-*.whl"))
     shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
-    expected = {f"abc_experiments/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
+    expected = {f"abc_experiments/conf/{p.relative_to(ROOT / 'conf').as_posix()}"
+                for p in (ROOT / "conf").rglob("*.yaml")}
     assert expected and expected == shipped
 
     target = tmp_path / "installed"

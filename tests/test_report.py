@@ -15,9 +15,6 @@ from pathlib import Path
 import pytest
 from matplotlib.collections import LineCollection
 from matplotlib.text import Text
-
-from abc_experiments import report
-from abc_experiments.report import plots
 from report_helpers import (
     assert_valid_png,
     finetuned_acc,
@@ -27,6 +24,9 @@ from report_helpers import (
     write_finished_job,
     write_typed_job,
 )
+
+from abc_experiments import report
+from abc_experiments.report import plots
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("report.md", "report.csv", "accuracy_heatmap.png", "accuracy_vs_size.png")

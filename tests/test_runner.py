@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (CONF, TINY, cli_command, interrupt_at, read_summary, read_summary_after, results, run_cli,
-                     scalar_tags, tree_bytes)
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from helpers import (
+    CONF,
+    TINY,
+    cli_command,
+    interrupt_at,
+    read_summary,
+    read_summary_after,
+    results,
+    run_cli,
+    scalar_tags,
+    tree_bytes,
+)
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import abc_experiments.pipeline as pipeline
 from abc_experiments.checkpoints import CheckpointError, ResumeRefusedError

@@ -3,9 +3,9 @@
 from .datasets import (
     DATASET_REGISTRY,
     DATASETS,
-    DataSplits,
     DatasetEntry,
     DatasetUnavailableError,
+    DataSplits,
     DigitsDataset,
     build_datasets,
     register_dataset,

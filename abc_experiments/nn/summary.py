@@ -104,7 +104,8 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> ModelSumma
     convolutions); totals: size in kB (1 kB = 1000 bytes) at 32 bit vs ABC, compression ratio,
     share of MACs that are binary (biases that calibration added count for the ABC model only); with
     per-layer precision, M averaged over the binary weights, N over the converted MACs, and the
-    binary MACs Σ M·N·MACs. Every figure uses each layer's own M and N. MAC counts need ``example_input`` (one batch is enough).
+    binary MACs Σ M·N·MACs. Every figure uses each layer's own M and N. MAC counts need
+    ``example_input`` (one batch is enough).
 
     Args:
         model: a converted model.

@@ -9,8 +9,16 @@ from pathlib import Path
 
 from .aggregate import aggregate, fp_baselines, pretrainings, split_duplicates
 from .jobs import HYDRA_CONFIG, SUMMARY_FILE, Job, collect_jobs
-from .tables import HEATMAP_PNG, REPORT_CSV, REPORT_MD, SIZE_PLOT_PNG, problems_section, render_markdown, \
-    results_table, write_csv
+from .tables import (
+    HEATMAP_PNG,
+    REPORT_CSV,
+    REPORT_MD,
+    SIZE_PLOT_PNG,
+    problems_section,
+    render_markdown,
+    results_table,
+    write_csv,
+)
 
 PROG = "abc-report"
 RUN_HINT = "run `abc-run -m ...` first"
@@ -49,7 +57,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Summarise an abc-run sweep (summary.json of every job) into report.md, "
                     "report.csv, accuracy_heatmap.png and accuracy_vs_size.png, written into DIR.",
     )
-    parser.add_argument("dir", type=Path, metavar="DIR", help="a Hydra multirun sweep directory or a whole outputs/ tree")
+    parser.add_argument("dir", type=Path, metavar="DIR",
+                        help="a Hydra multirun sweep directory or a whole outputs/ tree")
     return parser.parse_args(argv)
 
 

@@ -308,7 +308,8 @@ def accuracy_vs_size_figure(results: Sequence[ConfigResult], baselines: Mapping)
         _join_equal_n(ax, members, color)
         fp_acc, fp_kb = baselines.get(group[:2], (None, None))
         if fp_acc is not None:
-            ax.axhline(fp_acc, color=color, linestyle="--", linewidth=1.2, label=f"{label}: FP baseline ({fp_acc:.1f}%)")
+            ax.axhline(fp_acc, color=color, linestyle="--", linewidth=1.2,
+                       label=f"{label}: FP baseline ({fp_acc:.1f}%)")
             if fp_kb is not None:
                 ax.plot([fp_kb], [fp_acc], marker="*", markersize=14, color=color, linestyle="none")
         for r in members:
