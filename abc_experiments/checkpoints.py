@@ -44,7 +44,7 @@ def atomic_write(path: Path | str):
     ends without an error the file is renamed onto ``path`` (``os.replace``), else it is removed.
     A reader, or a process killed mid-write, never sees half a file.
 
-    Arguments:
+    Args:
         path: the file to create or replace (its folder is created).
 
     Yields:

@@ -185,7 +185,7 @@ CONFIG_GROUPS = ("abc", "dataset", "experiment", "finetune", "hparams_search", "
 def schema_keys(node: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema (``abc.M``, ``abc.calibration.batches``...), in order.
 
-    Arguments:
+    Args:
         node: the dataclass to walk (the whole :class:`Config` by default).
         prefix: prepended to each key (``"abc."`` for the ABC node's keys).
 

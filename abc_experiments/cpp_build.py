@@ -108,7 +108,7 @@ def lock_held_elsewhere(path: Path) -> bool:
     ``FileLock`` on that file and leaves the empty file behind after every build, so the file's mere
     existence says nothing; a lock the kernel releases when its holder dies is tested by trying it.
 
-    Arguments:
+    Args:
         path: the ``lock`` file in an extension's build folder.
 
     Returns:

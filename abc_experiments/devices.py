@@ -27,7 +27,7 @@ def _mps_available() -> bool:
 def check_device_name(name: str, option: str = "device=") -> None:
     """Refuse a name that is no device at all (``foo``), without importing torch.
 
-    Arguments:
+    Args:
         name: the device as given.
         option: how the user gave it, for the message (``"device="``, or ``"--device "`` for a flag).
 
@@ -43,7 +43,7 @@ def check_device_name(name: str, option: str = "device=") -> None:
 def resolve_device(name: str, option: str = "device=") -> torch.device:
     """The device ``name`` names on this machine.
 
-    Arguments:
+    Args:
         name: ``"auto"`` (CUDA, else MPS, else the CPU), ``"cpu"``, ``"cuda"`` (or ``"cuda:K"``) or ``"mps"``.
         option: how the user gave it, for the messages (``"device="``, or ``"--device "`` for a flag).
 

@@ -23,7 +23,7 @@ from torch import nn
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over the batch, in float32.
 
-    Arguments:
+    Args:
         student_logits: (B, C) logits of the model being trained.
         teacher_logits: (B, C) logits of the teacher (no gradient flows into them).
         temperature: T > 0.
@@ -40,7 +40,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       weight: float, temperature: float) -> torch.Tensor:
     """``CE(student, labels) + weight · T² · KL(teacher_T ‖ student_T)`` (see the module docstring).
 
-    Arguments:
+    Args:
         student_logits: (B, C) logits of the ABC model.
         teacher_logits: (B, C) logits of the FP model.
         labels: (B,) class indices.

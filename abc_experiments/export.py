@@ -39,7 +39,7 @@ def _one_or_all(values: list):
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Pack, save, reload and evaluate the run's model; returns what export.json holds.
 
-    Arguments:
+    Args:
         run_dir: the finished run.
         out_dir: where the two files go (default ``RUN_DIR/export``).
 

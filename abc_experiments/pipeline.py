@@ -369,7 +369,7 @@ def convert_from_config(model: nn.Module, abc: Mapping) -> ConversionReport:
     """:func:`abc_experiments.nn.convert` with the ``abc`` config group's settings (a DictConfig or
     the plain dict a summary.json holds), per-layer precision (``abc.layers``) included.
 
-    Arguments:
+    Args:
         model: the full-precision model, converted in place.
         abc: the ``abc`` config group.
 

@@ -35,7 +35,7 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """One loop's progress: a bar on a terminal, otherwise a log line every ``interval_s`` seconds.
 
-    Arguments:
+    Args:
         total: steps in the loop (None when unknown).
         description: what runs, e.g. ``"finetune 3/10"``; starts every log line.
         initial: steps already done (a resumed epoch).

@@ -118,7 +118,7 @@ def _checked_value(key: str, value: Any, like: Any) -> Any:
 def check_overrides(summary: RunSummary, overrides: Sequence[str]) -> dict[str, Any]:
     """The ``KEY=VALUE`` overrides of an evaluation, checked without importing torch.
 
-    Arguments:
+    Args:
         summary: the run's summary (:func:`read_run`).
         overrides: e.g. ``["data.root=../shared/datasets", "finetune.eval_batch_size=512"]``.
 

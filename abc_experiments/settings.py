@@ -27,7 +27,7 @@ def format_layer_precision(layers: Mapping | None) -> str:
     keys left to the global value: ``{layer1.*: {M: 5}, layer3.2.conv2: {M: 1, N: 1}}``; ``""``
     for none.
 
-    Arguments:
+    Args:
         layers: pattern -> mapping with ``M`` and/or ``N`` (None values are left out).
 
     Returns:
@@ -73,7 +73,7 @@ def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
 def closest_key(key: str, valid_keys: Iterable[str]) -> str | None:
     """The valid key a mistyped ``key`` most likely meant, or None if none is close.
 
-    Arguments:
+    Args:
         key: the dotted key as typed, e.g. ``"abc.m"``.
         valid_keys: the dotted keys that exist.
 

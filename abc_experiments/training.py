@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
              channels_last: bool = False, description: str = "evaluating") -> Metrics:
     """Mean cross-entropy and accuracy (%) over ``loader`` in eval mode.
 
-    Arguments:
+    Args:
         model: the model (its train/eval mode is restored afterwards).
         loader: batches of (images, labels).
         device: where the model lives.
@@ -188,7 +188,7 @@ def _set_rng_state(state: dict) -> None:
 class StageEnvironment:
     """How and where every stage of one run trains: the same for pretraining and fine-tuning.
 
-    Arguments:
+    Args:
         device: where the model and batches live.
         checkpoint_dir: ``<stage>_last.pt`` and ``<stage>_best.pt`` go there.
         stop: the run's Ctrl-C / SIGTERM flag, checked between steps.
@@ -247,7 +247,7 @@ def train_stage(stage: str, model: nn.Module, loaders: dict, cfg, env: StageEnvi
                 on_epoch_end: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` for one stage and leave it at its best validation epoch.
 
-    Arguments:
+    Args:
         stage: ``"pretrain"`` or ``"finetune"`` (names the checkpoints, the seed and the log lines).
         model: the model, trained in place.
         loaders: ``train`` and ``val`` loaders.

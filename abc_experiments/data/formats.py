@@ -114,7 +114,7 @@ class CifarBatch(NamedTuple):
 def read_cifar_batch(path: str | Path, label_key: str, num_classes: int) -> CifarBatch:
     """Read and check one CIFAR python batch (``data_batch_1``, ``test_batch``, ``train``...).
 
-    Arguments:
+    Args:
         path: the pickled batch.
         label_key: the key of its labels: ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100).
         num_classes: labels must lie in ``[0, num_classes)``.
@@ -156,7 +156,7 @@ def read_cifar_batch(path: str | Path, label_key: str, num_classes: int) -> Cifa
 def read_cifar_label_names(path: str | Path, names_key: str, num_classes: int) -> list[str]:
     """Read and check a CIFAR meta file (``batches.meta``, ``meta``).
 
-    Arguments:
+    Args:
         path: the pickled meta file.
         names_key: the key of the class names: ``label_names`` or ``fine_label_names``.
         num_classes: the number of names it must hold.
@@ -181,7 +181,7 @@ def read_cifar_split(
 ) -> tuple[np.ndarray, list[int]]:
     """Read the batches of one split, as torchvision's CIFAR classes hold them.
 
-    Arguments:
+    Args:
         paths: the split's batch files, in order.
         label_key, num_classes: as for :func:`read_cifar_batch`.
 
@@ -217,7 +217,7 @@ def _read_bytes(path: Path) -> bytes:
 def read_idx(path: str | Path, ndim: int) -> np.ndarray:
     """Read and check an idx file of unsigned bytes (the MNIST format), gzipped or not.
 
-    Arguments:
+    Args:
         path: the file; read through gzip when its name ends with ``.gz``.
         ndim: the number of dimensions it must have (3 for images, 1 for labels).
 
@@ -256,7 +256,7 @@ def read_mnist_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read and check one MNIST split: an idx3 image file and the idx1 file of its labels.
 
-    Arguments:
+    Args:
         images_path, labels_path: the two idx files (gzipped or not).
         image_size: the images must be ``image_size`` x ``image_size``.
         num_classes: labels must lie in ``[0, num_classes)``.

@@ -69,7 +69,7 @@ def _cost(M: int, N: int, macs: int) -> float:
 def propose_assignment(result: Sensitivity, budget: float, max_bases: int = 8) -> Assignment:
     """Choose per-layer (M, N) under ``budget`` × the run's binary operations (see the module docstring).
 
-    Arguments:
+    Args:
         result: the measured sensitivities of a run (:func:`~abc_experiments.sensitivity.layer_sensitivity`).
         budget: the allowed cost relative to the run's (positive; 1 = the same cost).
         max_bases: the most bases M or N one layer may get.

@@ -133,7 +133,7 @@ def run_config(summary: RunSummary, overrides: Sequence[str] = ()):
 def load_fp_model(run_dir: str | Path, summary: RunSummary) -> tuple[nn.Module, str]:
     """The FP model the run converted (train mode, as the pipeline holds it) and the file it came from.
 
-    Arguments:
+    Args:
         run_dir: the finished run's directory.
         summary: its summary (:func:`abc_experiments.runs.read_run`).
 
@@ -240,7 +240,7 @@ def output_errors(fp_model: nn.Module, abc_model: nn.Module, names: Sequence[str
                   device: torch.device, channels_last: bool = False) -> dict[str, tuple[float, float]]:
     """Per layer name: (output error, inherited error) of ``abc_model`` against ``fp_model`` over ``loader``.
 
-    Arguments:
+    Args:
         fp_model: the FP model.
         abc_model: the converted model (same module names).
         names: the converted layers.
@@ -299,7 +299,7 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
                       ) -> Sensitivity:
     """Measure, for every layer a finished run converted, what converting it costs (see the module docstring).
 
-    Arguments:
+    Args:
         run_dir: a finished ``abc-run`` run dir (its ``summary.json``, and the FP model in its
             ``checkpoints/pretrain_best.pt`` or the pretrain cache it names).
         batches: calibration batches (default: the run's ``abc.calibration.batches``; the same

@@ -19,7 +19,7 @@ def _error(value: float | None) -> str:
 def markdown_table(result: Sensitivity) -> str:
     """The per-layer table (Markdown), with a heading line that names the run and the reference accuracies.
 
-    Arguments:
+    Args:
         result: what :func:`~abc_experiments.sensitivity.layer_sensitivity` measured.
 
     Returns:
@@ -117,7 +117,7 @@ def plot(result: Sensitivity, path: Path) -> Path:
 def write_outputs(result: Sensitivity, out_dir: str | Path) -> dict[str, Path]:
     """Write ``sensitivity.json``, ``sensitivity.md`` and ``sensitivity.png`` into ``out_dir``.
 
-    Arguments:
+    Args:
         result: what :func:`~abc_experiments.sensitivity.layer_sensitivity` measured.
         out_dir: the folder (created if missing), by default ``RUN_DIR/sensitivity``.
 
