@@ -26,11 +26,14 @@ def abc_by_hand(layer, x):
     """One ABC layer computed from its stored parameters, independent of its forward."""
     wb, ab = layer.weight_binarizer, layer.activation_binarizer
     weight = combine(wb.alphas, wb.compute_bases(layer.weight))
-    if layer.N:
-        x = staircase(x, ab.shifts, ab.betas)
+    bias = layer.bias
+    if layer.N:  # R ≈ c + ΣβA; c·ΣŴ is folded into the bias
+        c = float(layer.input_offset)
+        x = staircase(x, ab.shifts, ab.betas) + c
+        bias = None if bias is None else bias - c * weight.flatten(1).sum(1)
     if isinstance(layer, ABCLinear):
-        return F.linear(x, weight, layer.bias)
-    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def test_default_conversion_keeps_first_conv_and_classifier():
@@ -105,16 +108,39 @@ def test_calibration_brings_the_converted_model_closer_to_the_original():
     assert not model.training
 
 
-def test_calibration_folds_the_input_offset_into_the_bias():
-    """conv(c + ΣβA, Ŵ) = conv(ΣβA, Ŵ) + c·ΣŴ: the layer without the offset plus the new bias
-    reproduces the layer fed with the offset (away from padded borders)."""
-    conv = nn.Conv2d(3, 4, 3, bias=False)
-    layer = ABCConv2d.from_conv(conv, 2, 2).eval()
+@pytest.mark.parametrize("padding,padding_mode", [(0, "zeros"), (1, "zeros"), ("same", "zeros"), (1, "reflect")])
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_the_input_offset_is_exact_at_zero_padded_borders(padding, padding_mode, impl):
+    """R ≈ c + ΣβA: the layer computes conv(c + ΣβA, Ŵ) with the padding of the original conv, so a
+    zero-padded border sees 0, not c (folding c·ΣŴ into the bias alone was off there by c times the
+    out-of-image weights)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode, bias=True)
+    layer = ABCConv2d.from_conv(conv, 2, 2, impl=impl).eval()
     x = torch.rand(2, 3, 6, 6)
     act = staircase(x, layer.activation_binarizer.shifts, layer.activation_binarizer.betas)
-    expected = F.conv2d(act + 0.7, layer.approximated_weight())
-    layer.absorb_input_offset(0.7)
-    torch.testing.assert_close(layer(x), expected)
+    reference = nn.Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode).eval()
+    with torch.no_grad():
+        reference.weight.copy_(layer.approximated_weight())
+        reference.bias.copy_(conv.bias)
+    expected = reference(act + 0.7)
+    layer.set_input_offset(0.3)
+    layer.set_input_offset(0.7)  # calibrating again replaces the offset
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias, conv.bias + 0.7 * layer.approximated_weight().sum((1, 2, 3)))
+
+
+def test_a_checkpoint_from_before_the_input_offset_loads_with_offset_zero():
+    layer = ABCConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1), 2, 2).eval()
+    layer.set_input_offset(0.5)
+    old = {key: value for key, value in layer.state_dict().items() if key != "input_offset"}
+    fresh = ABCConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1), 2, 2).eval()
+    fresh.set_input_offset(0.25)
+    fresh.load_state_dict(old)
+    assert float(fresh.input_offset) == 0.0 and not fresh._offset_reaches_borders()
+    layer_back = ABCConv2d.from_conv(nn.Conv2d(3, 4, 3, padding=1), 2, 2).eval()
+    layer_back.load_state_dict(layer.state_dict())
+    assert float(layer_back.input_offset) == 0.5 and layer_back._offset_reaches_borders()
 
 
 def test_the_bias_calibration_adds_is_declared_and_left_out_of_the_original_size():

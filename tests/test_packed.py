@@ -307,10 +307,11 @@ def test_converted_model_same_logits(isa, name, models):
     assert all(isinstance(packed.get_submodule(bn), nn.Identity) for bn in folded)
     # End to end, the logits are the same, except that a layer's output (equal to rounding, ~1e-7)
     # can land within rounding of one of the next layer's thresholds and binarize the other way:
-    # a random-weight resnet20 has one such activation in ~1 image of 6. Same predictions always.
+    # a random-weight resnet20 has one such activation in ~1 image of 6 on the kernels, ~1 of 64 on the
+    # reference path (its only rounding is the folded BatchNorm's). Same predictions always.
     per_image = (out - ref).abs().amax(1) / ref.abs().amax(1)
     exact = (per_image <= 1e-5).float().mean().item()
-    assert exact == 1.0 if isa == "reference" else exact >= 0.75
+    assert exact >= (0.95 if isa == "reference" else 0.75)
     assert torch.equal(out.argmax(1), ref.argmax(1))
 
 
@@ -387,27 +388,34 @@ def test_folded_batchnorm_is_stored_and_loaded_exactly(tmp_path, models):
                       architecture=arch)
 
 
-def test_version_1_files_without_folded_batchnorm_still_load(tmp_path, models):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_files_still_load(tmp_path, models, version):
+    """Version 1 files had no folded BatchNorm ("batchnorm" field), versions 1 and 2 no input offset
+    ("input_offset"): they load as what they computed (nothing folded, offset 0)."""
     model, _ = models["resnet20"]
     packed = P.pack_model(model, fold_batchnorm=False)
+    for _, layer in P.packed_layers(packed):
+        layer.input_offset.zero_()  # what those versions computed
+        layer._clear_caches()
     arch = {"name": "resnet20", "in_channels": 3, "image_size": 32, "num_classes": 10}
-    path = P.save_packed(packed, tmp_path / "v2.safetensors", architecture=arch)
+    path = P.save_packed(packed, tmp_path / "now.safetensors", architecture=arch)
 
-    def version_1(meta):  # what the first format wrote: no "batchnorm" field
-        column = meta["layer_fields"].index("batchnorm")
-        meta["version"] = 1
-        del meta["layer_fields"][column]
+    def older(meta):
+        kept = len(meta["layer_fields"]) - (P.io.VERSION - version)  # each version added one field
+        meta["version"] = version
+        meta["layer_fields"] = meta["layer_fields"][:kept]
         for row in meta["layers"]:
-            del row[column]
-    rewrite_metadata(path, tmp_path / "v1.safetensors", version_1)
-    loaded = P.load_packed(tmp_path / "v1.safetensors")
+            del row[kept:]
+    rewrite_metadata(path, tmp_path / "old.safetensors", older)
+    loaded = P.load_packed(tmp_path / "old.safetensors")
     assert len([m for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)]) == 21
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), packed(x))
-    rewrite_metadata(path, tmp_path / "v3.safetensors", lambda meta: meta.update(version=3))
-    with pytest.raises(P.PackedFormatError, match="format version 3"):
-        P.load_packed(tmp_path / "v3.safetensors")
+    future = P.io.VERSION + 1
+    rewrite_metadata(path, tmp_path / "future.safetensors", lambda meta: meta.update(version=future))
+    with pytest.raises(P.PackedFormatError, match=f"format version {future}"):
+        P.load_packed(tmp_path / "future.safetensors")
 
 
 def test_file_size_is_M_bits_per_weight_plus_floats(tmp_path, models):

@@ -349,7 +349,9 @@ def seed_cnn_cases():
         "duplicate name": (lambda m: m["layers"][1].__setitem__(0, m["layers"][0][0]), None, "once"),
         "no layers": (lambda m: m.update(layers=[]), None, "no packed layers"),
         "layer fields": (lambda m: m.update(layer_fields=m["layer_fields"][::-1]), None, "layer_fields"),
-        "row length": (lambda m: m["layers"][0].append(1), None, "list of 9 fields"),
+        "row length": (lambda m: m["layers"][0].append(1), None, f"list of {len(P.io.LAYER_FIELDS)} fields"),
+        "input_offset nan": (set_row("input_offset", float("nan")), None, "input_offset must be a finite number"),
+        "input_offset text": (set_row("input_offset", "1.0"), None, "input_offset must be a finite number"),
         "architecture": (lambda m: m.update(architecture=None), None, "architecture must be a dict"),
     }
 

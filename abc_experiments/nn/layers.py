@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ActivationBinarizer
-from .weights import WeightBinarizer, check_count, relative_error
+from .weights import WeightBinarizer, check_count, combine, relative_error
 
 IMPLS = ("fused", "naive")
 
@@ -36,6 +36,10 @@ class ABCLayer(nn.Module):
     bias_from_calibration: bool = False
 
     def _setup_abc(self, M, N, scope, impl, bases, learn_u, alpha_fit, kernel):
+        # The input offset c of the calibrated staircase (R ≈ c + ΣβA): c·ΣŴ is folded into the bias,
+        # and zero-padded borders, where the input is 0 and not c, are corrected exactly in forward.
+        self.register_buffer("input_offset", torch.zeros((), device=self.weight.device))
+        self._offset_set = False  # input_offset != 0, known without reading the buffer (no device sync)
         if N is None:
             N = 0
         check_count("M", M, 1)
@@ -71,10 +75,22 @@ class ABCLayer(nn.Module):
         """Per-output-channel alphas (C_out,) shaped to scale the layer output."""
         raise NotImplementedError
 
+    def _offset_reaches_borders(self) -> bool:
+        """Whether the input offset changes the output beyond the folded bias: a calibrated
+        convolution that pads with zeros (the padded input is 0, not the offset c)."""
+        return False
+
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "naive":
             return self._naive_forward(x)
-        return self._linear_op(self.activation_binarizer(x), self.weight_binarizer(self.weight), self.bias)
+        a, weight, bias = self.activation_binarizer(x), self.weight_binarizer(self.weight), self.bias
+        if self._offset_reaches_borders():
+            # conv(c + ΣβA, Ŵ) with zero padding, and the bias without the folded c·ΣŴ: exact at the
+            # borders too (the folded bias alone assumed the input c there).
+            c = self.input_offset.to(a.dtype)
+            a = a + c
+            bias = bias - c * weight.flatten(1).sum(1)
+        return self._linear_op(a, weight, bias)
 
     def _naive_forward(self, x: Tensor) -> Tensor:
         """Σₘ Σₙ αₘ βₙ op(Bₘ, Aₙ) + bias, with M·N separate binary operations."""
@@ -88,6 +104,11 @@ class ABCLayer(nn.Module):
             alpha = alphas[m] if alphas.dim() == 1 else self._channel_view(alphas[m])
             for n in range(act_bases.shape[0]):
                 out = out + alpha * betas[n] * self._linear_op(act_bases[n], weight_bases[m])
+        if self._offset_reaches_borders():  # c·conv(1, Ŵ) − c·ΣŴ: nonzero only at zero-padded borders
+            weight = combine(alphas, weight_bases)
+            c = self.input_offset.to(x.dtype)
+            out = out + c * (self._linear_op(torch.ones_like(act_bases[0]), weight)
+                             - self._channel_view(weight.flatten(1).sum(1)))
         return out if self.bias is None else out + self._channel_view(self.bias)
 
     def train(self, mode: bool = True):
@@ -120,16 +141,29 @@ class ABCLayer(nn.Module):
         return self.bias
 
     @torch.no_grad()
-    def absorb_input_offset(self, offset: float) -> None:
-        """Add c·ΣŴ per output channel to the bias, so that the layer's output for inputs c + ΣβA
-        is kept when it is given ΣβA alone (exact for linear layers, and for convolutions away from
-        zero-padded borders). A layer without a bias gets one (:meth:`add_calibration_bias`).
+    def set_input_offset(self, offset: float) -> None:
+        """Make the layer compute op(c + ΣβA, Ŵ) for the calibrated staircase R ≈ c + ΣβA: the
+        bias gains (c − c_before)·ΣŴ per output channel (so calibrating again replaces the offset,
+        not adds to it), and :attr:`input_offset` keeps c for the zero-padded borders of a
+        convolution, where the input is 0 and the folded bias alone would be off by c times the
+        out-of-image weights. A layer without a bias gets one (:meth:`add_calibration_bias`).
 
         Args:
             offset: the input offset c that :meth:`.ActivationBinarizer.calibrate` returned.
         """
-        shift = offset * self.approximated_weight().flatten(1).sum(1)
-        self.add_calibration_bias().add_(shift)
+        change = float(offset) - float(self.input_offset)
+        self.add_calibration_bias().add_(change * self.approximated_weight().flatten(1).sum(1))
+        self.input_offset.fill_(float(offset))
+        self._offset_set = float(offset) != 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints from before the exact border correction have no input offset: their layers
+        # folded c·ΣŴ into the bias only, which an offset of 0 reproduces.
+        state_dict.setdefault(prefix + "input_offset", torch.zeros_like(self.input_offset))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._offset_set = bool(self.input_offset.detach().cpu() != 0)
 
     def approximated_weight(self) -> Tensor:
         """The binary approximation of the weight.
@@ -188,6 +222,10 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device=device, dtype=dtype)
         self._setup_abc(M, N, scope, impl, bases, learn_u, alpha_fit, kernel)
+
+    def _offset_reaches_borders(self) -> bool:
+        padded = isinstance(self.padding, str) or any(p > 0 for p in self.padding)
+        return self.N > 0 and padded and self.padding_mode == "zeros" and self._offset_set
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, M: int, N: int, scope: str = "per_layer", impl: str = "fused",

@@ -40,8 +40,8 @@ from .fusion import PackedConvChain, fold_batchnorms
 from .layers import PackedABCConv2d, PackedABCLayer, PackedABCLinear, pack_layer
 
 FORMAT = "abc-packed"
-VERSION = 2  # 2: folded BatchNorm (layer field "batchnorm"); version 1 files (none folded) still load
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # 3: input offsets (layer field "input_offset"); 2: folded BatchNorm (field "batchnorm")
+READABLE_VERSIONS = (1, 2, 3)  # older files load with what they lack as 0 / "" (how they computed)
 METADATA_KEY = "abc_packed"
 ARCHITECTURE_KEYS = ("name", "in_channels", "image_size", "num_classes")
 
@@ -93,7 +93,7 @@ def _digest(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-LAYER_FIELDS = ["name", "M", "N", "scope", "bias", "weights", "bit_offset", "bit_bytes", "batchnorm"]
+LAYER_FIELDS = ["name", "M", "N", "scope", "bias", "weights", "bit_offset", "bit_bytes", "batchnorm", "input_offset"]
 LAYER_FLOATS = ("alphas", "shifts", "betas", "bias", "output_scale", "output_shift")  # in this order
 
 
@@ -138,7 +138,7 @@ def serialize(model: nn.Module, architecture: dict | None = None) -> tuple[dict[
         stored = layer.stored_tensors()
         count = stored["weight_bits"].numel()
         rows.append([name, layer.M, layer.N, layer.scope, int(layer.bias is not None), layer.binary_weight_count(),
-                     bit_offset, count, layer.folded_batchnorm or ""])
+                     bit_offset, count, layer.folded_batchnorm or "", float(layer.input_offset)])
         bits.append(stored["weight_bits"])
         bit_offset += count
         floats += [stored[key].reshape(-1) for key in LAYER_FLOATS if key in stored]
@@ -310,7 +310,7 @@ def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
     sizes.setdefault("ints", 0)
     arch = _check_header_architecture(meta.get("architecture"))
     fields = meta.get("layer_fields")
-    readable = [LAYER_FIELDS] + ([LAYER_FIELDS[:-1]] if meta["version"] == 1 else [])
+    readable = [LAYER_FIELDS[:len(LAYER_FIELDS) - (VERSION - meta["version"])]]  # each version added one field
     if fields not in readable:
         raise PackedFormatError(f"layer_fields must be {LAYER_FIELDS}, got {fields!r}")
     rows = meta.get("layers")
@@ -324,6 +324,7 @@ def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
             raise PackedFormatError(f"layer row {i} must be a list of {len(fields)} fields ({', '.join(fields)})")
         entry = dict(zip(fields, row))
         entry.setdefault("batchnorm", "")
+        entry.setdefault("input_offset", 0.0)
         what = f"layer row {i} ({entry['name']!r})"
         if not isinstance(entry["name"], str) or not entry["name"] or entry["name"] in names:
             raise PackedFormatError(f"{what}: the name must be a module name, once")
@@ -338,6 +339,9 @@ def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
         if not isinstance(entry["batchnorm"], str):
             raise PackedFormatError(f"layer {entry['name']}: 'batchnorm' must be a module name or \"\", got "
                                     f"{entry['batchnorm']!r}")
+        offset = entry["input_offset"]
+        if type(offset) not in (int, float) or not math.isfinite(offset) or (offset and not entry["N"]):
+            raise PackedFormatError(f"{what}: input_offset must be a finite number (0 where N = 0), got {offset!r}")
         want = (entry["M"] * entry["weights"] + 7) // 8
         if (entry["bit_offset"] != bit_offset or entry["bit_bytes"] != want or type(entry["bit_bytes"]) is not int
                 or type(entry["bit_offset"]) is not int):
@@ -428,11 +432,12 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
         affine = (parts.pop("output_scale"), parts.pop("output_shift")) if batchnorm else None
         layer = PackedABCConv2d(original.in_channels, out, original.kernel_size, original.stride, original.padding,
                                 original.dilation, original.groups, original.padding_mode, M=M, N=N, scope=scope,
-                                **parts)
+                                input_offset=entry["input_offset"], **parts)
         if affine is not None:
             layer.set_output_affine(*affine, batchnorm=batchnorm)
     else:
-        layer = PackedABCLinear(original.in_features, out, M=M, N=N, scope=scope, **parts)
+        layer = PackedABCLinear(original.in_features, out, M=M, N=N, scope=scope, input_offset=entry["input_offset"],
+                                **parts)
     return layer, offset
 
 

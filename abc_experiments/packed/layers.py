@@ -66,7 +66,7 @@ class PackedABCLayer(nn.Module):
     kind = ""
     STORED = ("weight_bits", "alphas", "shifts", "betas", "bias")
 
-    def _setup(self, weight_shape, M, N, scope, weight_bits, alphas, shifts, betas, bias) -> None:
+    def _setup(self, weight_shape, M, N, scope, weight_bits, alphas, shifts, betas, bias, input_offset=0.0) -> None:
         self.M, self.N, self.scope = int(M), int(N), scope
         self.weight_shape = tuple(int(s) for s in weight_shape)
         if self.M < 1 or self.N < 0:
@@ -82,6 +82,10 @@ class PackedABCLayer(nn.Module):
             self.register_buffer(name, tensor.detach().clone().contiguous())
         if bias is None:
             self.register_buffer("bias", None)
+        # the calibrated input offset c (R ≈ c + ΣβA; see ABCLayer.set_input_offset): c·ΣŴ is in the
+        # bias; a conv's zero-padded borders, where the input is 0 and not c, are corrected in the
+        # border term. The file keeps it in the layer's header row.
+        self.register_buffer("input_offset", torch.tensor(float(input_offset), dtype=torch.float32))
         self.K = math.prod(self.weight_shape) // self.weight_shape[0]
         self.native = False
         # the module name in the model (pack_model and load_packed set it): error messages name the layer
@@ -167,6 +171,8 @@ class PackedABCLayer(nn.Module):
 
     def _clear_caches(self) -> None:
         self.state_version += 1
+        if hasattr(self, "_bterms"):
+            self._bterms.clear()  # border terms depend on the stored tensors and a folded affine
 
     # ----------------------------------------------------------------------------------- input checks
 
@@ -222,6 +228,8 @@ class PackedABCLayer(nn.Module):
         then rebuild every derived tensor from them. M, N, scope, shape, bias and whether a BatchNorm is
         folded are fixed when a layer is packed: a state dict that differs there is refused."""
         errors = len(error_msgs)
+        if any(prefix + name in state_dict for name in self.STORED):  # states from before the input offset
+            state_dict.setdefault(prefix + "input_offset", torch.zeros((), dtype=torch.float32))
         affine_keys = (prefix + "output_scale", prefix + "output_shift")
         if not any(prefix + name in state_dict for name in (*self.STORED, "output_scale", "output_shift")):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -253,6 +261,10 @@ class PackedABCLayer(nn.Module):
                 if tuple(tensor.shape) != shape:
                     raise ValueError(f"{prefix}{name} has shape {tuple(tensor.shape)}, expected {shape}")
                 self._buffers[name] = tensor.to(dtype).contiguous()
+            offset = self._buffers["input_offset"]
+            if offset.dim() != 0:
+                raise ValueError(f"{prefix}input_offset has shape {tuple(offset.shape)}, expected a scalar")
+            self._buffers["input_offset"] = offset.float()
             if affine is not None:
                 scale, shift = (value.detach().to("cpu", torch.float64) for value in affine)
                 if self.folded_batchnorm:  # stored in the file as float32: keep it exactly that
@@ -293,7 +305,8 @@ class PackedABCConv2d(PackedABCLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, padding_mode: str = "zeros", *, M: int, N: int, scope: str,
-                 weight_bits: Tensor, alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None):
+                 weight_bits: Tensor, alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None,
+                 input_offset: float = 0.0):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -303,7 +316,7 @@ class PackedABCConv2d(PackedABCLayer):
             raise ValueError(f"groups = {groups} must divide in_channels = {in_channels} and out_channels = "
                              f"{out_channels}")
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self._setup(shape, M, N, scope, weight_bits, alphas, shifts, betas, bias)
+        self._setup(shape, M, N, scope, weight_bits, alphas, shifts, betas, bias, input_offset)
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
@@ -377,7 +390,10 @@ class PackedABCConv2d(PackedABCLayer):
             outside[..., ph:ph + H, pw:pw + W] = 0
             S = F.conv2d(outside, self._rowsums, stride=self.stride, dilation=self.dilation)[0]
             S = S.view(self.M, self.out_channels, *S.shape[-2:])
-            term = self.betas.double().sum() * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
+            # padded pixels are packed as −1 in every plane: + Σβ·Σₘ αₘSₘ makes them 0; − c·Σₘ αₘSₘ removes
+            # the input offset c there (the bias holds c·ΣŴ, all taps; the border sees 0, not c)
+            weight = self.betas.double().sum() - self.input_offset.double()
+            term = weight * (self._alpha_by_channel.view(self.M, -1, 1, 1) * S).sum(0)
             if self.bias is not None:
                 term = term + self.bias.double().view(-1, 1, 1)
             if self.post_scale is not None:
@@ -393,6 +409,12 @@ class PackedABCConv2d(PackedABCLayer):
         a = staircase(x, self.shifts.to(x.dtype), self.betas.to(x.dtype)) if self.N else x
         weight = self.weight_hat.to(x.device, x.dtype)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
+        padded = isinstance(self.padding, str) or any(p > 0 for p in self.padding)
+        if self.N and padded and self.padding_mode == "zeros" and float(self.input_offset) != 0.0:
+            # as ABCConv2d: conv(c + ΣβA, Ŵ) with zero padding, the bias without the folded c·ΣŴ
+            c = self.input_offset.to(x.device, x.dtype)
+            a = a + c
+            bias = (0.0 if bias is None else bias) - c * weight.flatten(1).sum(1)
         if self.padding_mode != "zeros":
             ph, pw = self.padding
             out = F.conv2d(F.pad(a, (pw, pw, ph, ph), mode=self.padding_mode), weight, bias, self.stride, 0,
@@ -517,10 +539,12 @@ class PackedABCLinear(PackedABCLayer):
     kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, *, M: int, N: int, scope: str, weight_bits: Tensor,
-                 alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None):
+                 alphas: Tensor, shifts: Tensor, betas: Tensor, bias: Tensor | None = None, input_offset: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self._setup((self.out_features, self.in_features), M, N, scope, weight_bits, alphas, shifts, betas, bias)
+        # a linear layer has no borders: the folded bias alone is exact, the offset is only recorded
+        self._setup((self.out_features, self.in_features), M, N, scope, weight_bits, alphas, shifts, betas, bias,
+                    input_offset)
         self._derive()
 
     def _derive(self) -> None:
@@ -593,7 +617,8 @@ def _abc_parts(layer) -> dict:
     betas = act.betas.detach().float().cpu() if layer.N else torch.zeros(0)
     return dict(M=layer.M, N=layer.N, scope=layer.weight_binarizer.scope, weight_bits=pack_bits(bases > 0),
                 alphas=layer.weight_binarizer.alphas.detach().float().cpu(), shifts=shifts, betas=betas,
-                bias=None if layer.bias is None else layer.bias.detach().float().cpu())
+                bias=None if layer.bias is None else layer.bias.detach().float().cpu(),
+                input_offset=float(layer.input_offset) if layer.N else 0.0)
 
 
 def _check_eval(layer: nn.Module) -> None:
