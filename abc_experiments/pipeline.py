@@ -254,16 +254,27 @@ class Experiment:
 
     def finetune(self, model: nn.Module, loaders: dict, env: StageEnvironment, converted: StageResult,
                  teacher: nn.Module | None = None) -> tuple[StageResult, FitResult | None]:
-        """Fine-tune the converted ``model`` (in place, left at its best validation epoch); returns
-        its test/validation result and the training's :class:`FitResult` (None with 0 epochs).
+        """Fine-tune the converted ``model`` (in place, left at its best validation epoch, or at the
+        calibrated state when no epoch validates better: best_epoch 0); returns its test/validation
+        result and the training's :class:`FitResult` (None with 0 epochs).
         ``teacher``, the FP model, is distilled from when ``finetune.distill.weight`` > 0."""
         cfg = self.cfg.finetune
         if cfg.epochs == 0:
             return dataclasses.replace(converted, best_epoch=0), None
+        calibrated = {key: value.detach().clone() for key, value in model.state_dict().items()}
         fit = train_stage("finetune", model, loaders, cfg, env, self.boards.abc, seed=self.cfg.seed,
                           resume=self.resume, criterion=self.criterion(teacher, env),
                           on_epoch_end=lambda epoch: self.boards.log_abc_parameters(model, epoch))
         last, best = fit.history[-1], fit.best
+        if converted.val_acc > best["val_acc"]:
+            # model selection on val includes the starting point: calibration alone validated better
+            # than every fine-tuned epoch, so the calibrated model is the result (best_epoch 0)
+            model.load_state_dict(calibrated)
+            log.info("fine-tuning: no epoch beat the calibrated model's validation accuracy (%.2f%% > %.2f%% at "
+                     "epoch %d): keeping the calibrated model (best_epoch 0)", converted.val_acc, best["val_acc"],
+                     best["epoch"])
+            return dataclasses.replace(converted, best_epoch=0, last_val_acc=last["val_acc"],
+                                       last_val_loss=last["val_loss"], history=fit.history), fit
         result = self.evaluate(model, loaders, env.device, val=Metrics(loss=best["val_loss"], acc=best["val_acc"]),
                                what="fine-tuned model")
         return dataclasses.replace(result, best_epoch=best["epoch"], last_val_acc=last["val_acc"],

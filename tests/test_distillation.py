@@ -107,3 +107,19 @@ def test_distillation_settings_are_range_checked(compose_cfg):
         validate(compose_cfg(["finetune.distill.temperature=0"]))
     with pytest.raises(ConfigError, match="finetune.distill.weight"):
         validate(compose_cfg(["finetune.distill.weight=-1"]))
+
+
+def test_fine_tuning_that_validates_worse_than_calibration_keeps_the_calibrated_model(compose_cfg, tmp_path):
+    """Model selection on val includes the starting point: an lr that wrecks the model gives every
+    fine-tuned epoch a lower validation accuracy than the calibrated model, which is then the
+    result (best_epoch 0, the converted numbers), and the saved final model is that one."""
+    from abc_experiments import load_run
+
+    run(compose_cfg([*TINY, "finetune.epochs=1", "finetune.lr=0.5", "finetune.optimizer=adam",
+                     "finetune.divergence_factor=1e15"], run_dir=tmp_path / "wrecked"))
+    summary = read_summary(tmp_path / "wrecked")
+    assert summary["finetuned"]["history"][0]["val_acc"] < summary["converted"]["val_acc"]
+    assert summary["finetuned"]["best_epoch"] == 0
+    assert summary["finetuned"]["acc"] == summary["converted"]["acc"]
+    assert summary["finetuned"]["val_acc"] == summary["converted"]["val_acc"]
+    assert load_run(tmp_path / "wrecked") is not None
