@@ -365,7 +365,43 @@ class Experiment:
         self.write_summary()
         self.boards.log_final(summary, str(layer_summary))
         log.info("\n%s\n%s", layer_summary, results_table(summary))
+        hint = compression_hint(abc_model, (summary.conversion or {}).get("report", {}).get("kept", {}),
+                                summary.size.compression if summary.size else None)
+        if hint:
+            log.info("%s", hint)
         return summary
+
+
+FIXES = {"linear layer (linear=False)": "abc.linear=true converts it",
+         "first conv (keep_first)": "abc.keep_first=false converts it",
+         "final classifier (keep_last)": "abc.keep_last=false converts it",
+         "excluded by pattern": "drop its abc.exclude pattern to convert it"}
+
+
+def compression_hint(model: nn.Module, kept: Mapping[str, str], compression: float | None) -> str | None:
+    """One line that says why a run barely compresses (below 2x) when one full-precision layer holds
+    most of the weights, and which override converts it; None otherwise.
+
+    Args:
+        model: the converted model.
+        kept: the conversion report's layers kept at full precision, name -> reason.
+        compression: the run's compression ratio (fp size / ABC size).
+
+    Returns:
+        The line, or None.
+    """
+    if compression is None or compression >= 2 or not kept:
+        return None
+    weights = {name: m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "weight", None) is not None}
+    total = sum(weights.values())
+    name = max((n for n in kept if n in weights), key=weights.get, default=None)
+    if name is None or total == 0 or weights[name] < total / 2:
+        return None
+    fix = FIXES.get(kept[name], "")
+    return (f"compression is only {compression:.2f}x: {name} ({weights[name]:,} weights, "
+            f"{weights[name] / total:.0%} of the model's) stays full precision ({kept[name]})"
+            + (f"; {fix}" if fix else ""))
 
 
 def _layer_overrides(abc: Mapping) -> dict[str, dict[str, int]]:

@@ -199,3 +199,17 @@ def test_nothing_to_convert_and_bad_counts_are_value_errors():
         convert(small_cnn(), 2, -1)
     with pytest.raises(ValueError, match="unknown scope"):
         convert(small_cnn(), 2, 2, scope="per_pixel")
+
+
+def test_a_run_that_barely_compresses_says_which_layer_and_which_override():
+    from abc_experiments.models import build_model
+    from abc_experiments.pipeline import compression_hint
+
+    model = build_model("seed_cnn", 1, 8, 10)
+    report = convert(model, 3, 3)
+    hint = compression_hint(model, report.kept, 1.17)
+    assert hint.startswith("compression is only 1.17x: fc1 (") and "abc.linear=true converts it" in hint
+    assert compression_hint(model, report.kept, 4.0) is None  # compresses well: nothing to say
+    model = build_model("seed_cnn", 1, 8, 10)
+    report = convert(model, 3, 3, linear=True)
+    assert "fc1" in report.converted and compression_hint(model, report.kept, 1.9) is None
