@@ -95,6 +95,10 @@ def eval_keys(summary: RunSummary) -> list[str]:
 _MINIMUMS = {"finetune.eval_batch_size": 1, "data.num_workers": 0}
 
 
+# keys added after some runs were made: what those runs used, so an override is checked against its type
+DEFAULTS_OF_OLD_RUNS = {"data.verify": True}
+
+
 def _checked_value(key: str, value: Any, like: Any) -> Any:
     """``value`` if it has the type of the run's value ``like`` (and is in range), else RunError."""
     if isinstance(like, bool):
@@ -149,7 +153,7 @@ def check_overrides(summary: RunSummary, overrides: Sequence[str]) -> dict[str, 
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
         except Exception as error:  # omegaconf's grammar errors
             raise RunError(f"{override!r} does not parse ({str(error).splitlines()[0]})") from None
-        values[key] = _checked_value(key, value, run_settings.get(key))
+        values[key] = _checked_value(key, value, run_settings.get(key, DEFAULTS_OF_OLD_RUNS.get(key)))
     return values
 
 

@@ -609,5 +609,5 @@ def test_abc_eval_reads_data_verify_from_the_run_with_true_for_old_runs(tmp_path
     loader, config = test_loader(old_run, ["data.verify=false"])
     assert len(loader.dataset) == 6 and config.data.verify is False
     assert len(test_loader(_cifar_run_summary(tmp_path, {"verify": False}))[0].dataset) == 6
-    with pytest.raises(RunError, match="data.verify=maybe is not a boolean"):
+    with pytest.raises(RunError, match="data.verify='maybe' is not true or false"):
         test_loader(old_run, ["data.verify=maybe"])
