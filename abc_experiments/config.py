@@ -176,8 +176,9 @@ class Config:
     experiment: Optional[str] = None  # name of the preset, set by conf/experiment/*.yaml
 
 
-# Free dicts in the closed schema: any key below them is checked by their owner (the model's builder).
-OPEN_KEYS = ("model.options",)
+# Free dicts in the closed schema: any key below them is checked by their owner (the model's builder; for
+# abc.layers, validate() and nn.convert.check_layer_precision).
+OPEN_KEYS = ("model.options", "abc.layers")
 # Config groups (folders of conf/): ``dataset=mnist`` picks a file, Hydra checks the choice.
 CONFIG_GROUPS = ("abc", "dataset", "experiment", "finetune", "hparams_search", "hydra", "model", "pretrain")
 
