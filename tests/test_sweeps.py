@@ -43,7 +43,7 @@ def test_four_job_sweep_then_abc_report(tmp_path):
             "compression_mean", "own_time_s_mean", "test_n", "finetuned_acc_se"} <= set(rows[0])
     assert sorted((r["M"], r["N"]) for r in rows) == [("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")]
     by_key = {(int(r["M"]), int(r["N"])): r for r in rows}
-    job_22 = next(s for s in jobs.values() if s["abc"] == {"M": 2, "N": 2, "scope": "per_layer"})
+    job_22 = next(s for s in jobs.values() if s["abc"] == {"M": 2, "N": 2, "scope": "per_layer", "layers": {}})
     assert float(by_key[2, 2]["finetuned_acc_mean"]) == pytest.approx(job_22["finetuned"]["acc"])
     markdown = (sweep / "report.md").read_text()
     assert markdown.split("## Results")[1].split("\n## ")[0].count("| digits | seed_cnn |") == 4
