@@ -365,12 +365,7 @@ def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
         except AttributeError:
             raise PackedFormatError(f"layer {entry['name']}: not a module of the architecture "
                                     f"{arch['name']!r}") from None
-        if type(original) not in (nn.Conv2d, nn.Linear):
-            raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
-                                    "not a Conv2d or Linear")
-        if original.weight.numel() != entry["weights"]:
-            raise PackedFormatError(f"layer {entry['name']}: {entry['weights']} binary weights in the file, "
-                                    f"{original.weight.numel()} in the architecture's {original}")
+        _check_layer_geometry(entry, original)
         entry["batchnorm"] = _folded_batchnorm(entry, model, original)
         if entry["batchnorm"] and (entry["batchnorm"] in folded or entry["batchnorm"] in names):
             raise PackedFormatError(f"layer {entry['name']}: the BatchNorm {entry['batchnorm']!r} is folded twice or "
@@ -389,6 +384,16 @@ def check_packed_header(meta: dict, tensors: dict[str, Tensor]) -> list[dict]:
     return entries
 
 
+def _check_layer_geometry(entry: dict, original: nn.Module) -> None:
+    """A header row's layer is a Conv2d or Linear of the architecture with the row's weight count."""
+    if type(original) not in (nn.Conv2d, nn.Linear):
+        raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
+                                "not a Conv2d or Linear")
+    if original.weight.numel() != entry["weights"]:
+        raise PackedFormatError(f"layer {entry['name']}: {entry['weights']} binary weights in the file, "
+                                f"{original.weight.numel()} in the architecture's {original}")
+
+
 def _build_on_meta(arch: dict) -> nn.Module:
     """The architecture built on the meta device: shapes without memory (and never pretrained)."""
     try:
@@ -405,12 +410,7 @@ def _build_layer(entry: dict, original: nn.Module, bits: Tensor, floats: Tensor,
     """The packed layer for ``entry``, with ``original``'s (the float architecture's) geometry and
     the affine of the BatchNorm ``batchnorm`` folded in (checked by :func:`_folded_batchnorm`; "" for none)."""
     M, N, scope = entry["M"], entry["N"], entry["scope"]
-    if type(original) not in (nn.Conv2d, nn.Linear):
-        raise PackedFormatError(f"layer {entry['name']}: the architecture has a {type(original).__name__} there, "
-                                "not a Conv2d or Linear")
-    if original.weight.numel() != entry["weights"]:
-        raise PackedFormatError(f"layer {entry['name']}: {entry['weights']} binary weights in the file, "
-                                f"{original.weight.numel()} in the architecture's {original}")
+    _check_layer_geometry(entry, original)
     out = original.weight.shape[0]
     shapes = {"alphas": (M,) if scope == "per_layer" else (M, out), "shifts": (N,), "betas": (N,)}
     if entry["bias"]:

@@ -335,6 +335,11 @@ class PackedABCConv2d(PackedABCLayer):
         self._derive()
 
     def _derive(self) -> None:
+        # whether the input offset changes the output beyond the bias (zero-padded borders), read once
+        # here (init, load_state_dict) rather than from the buffer in every forward (a device sync)
+        padded = isinstance(self.padding, str) or any(p > 0 for p in self.padding)
+        self._offset_at_borders = bool(self.N and padded and self.padding_mode == "zeros"
+                                       and float(self.input_offset) != 0.0)
         bits, bases = self._unpacked()
         if self._kernel_ok:
             self._prepare_kernel(bits, bases, *self.kernel_size)
@@ -409,8 +414,7 @@ class PackedABCConv2d(PackedABCLayer):
         a = staircase(x, self.shifts.to(x.dtype), self.betas.to(x.dtype)) if self.N else x
         weight = self.weight_hat.to(x.device, x.dtype)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype)
-        padded = isinstance(self.padding, str) or any(p > 0 for p in self.padding)
-        if self.N and padded and self.padding_mode == "zeros" and float(self.input_offset) != 0.0:
+        if self._offset_at_borders:
             # as ABCConv2d: conv(c + ΣβA, Ŵ) with zero padding, the bias without the folded c·ΣŴ
             c = self.input_offset.to(x.device, x.dtype)
             a = a + c
