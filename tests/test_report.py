@@ -371,7 +371,8 @@ def results_for(tmp_path: Path):
 
 def test_heatmap_colour_scales_are_shared_and_the_gap_scale_centred(tmp_path: Path) -> None:
     """Two models on one dataset: their accuracy panels share one scale; gap panels share one
-    scale symmetric about 0; a spread of 0.3 pp still spans the minimum 2 pp."""
+    scale symmetric about 0; a spread of 0.3 pp spans four standard errors (359 test images), or
+    the minimum 2 pp when the standard error is tiny; cells within the s.e. of the best say so."""
     for index, (model, m, acc) in enumerate([("cnn_a", 1, 90.0), ("cnn_a", 3, 90.3),
                                              ("cnn_b", 1, 80.0), ("cnn_b", 3, 85.0)]):
         write_typed_job(tmp_path / str(index), m, 3, 0, model=model, acc=acc, fp_acc=95.0 if m == 1 else 88.0)
@@ -388,9 +389,23 @@ def test_heatmap_colour_scales_are_shared_and_the_gap_scale_centred(tmp_path: Pa
     assert "test set: 359 images" in panels[0].get_title()
 
     narrow = report.heatmap_figure(results[:2], baselines)
-    norm = [ax for ax in narrow.axes if ax.images][0].images[0].norm
-    assert norm.vmax - norm.vmin == pytest.approx(plots.MIN_SPAN_PP)
+    acc_panel = [ax for ax in narrow.axes if ax.images][0]
+    norm = acc_panel.images[0].norm
+    largest_se = max(100 * (p * (1 - p) / 359) ** 0.5 for p in (0.900, 0.903))  # about 1.58 pp
+    assert norm.vmax - norm.vmin == pytest.approx(plots.SE_SPAN * largest_se)
     assert norm.vmin < 90.0 and norm.vmax > 90.3
+    cells = sorted(t.get_text() for t in acc_panel.texts)
+    assert cells == ["90.00\n≈ best", "90.30\nbest"]  # 0.3 pp apart, s.e. of the difference 2.2 pp
+    assert "≈ best" in narrow.get_suptitle()
+
+    precise = tmp_path / "precise"
+    for index, (m, acc) in enumerate([(1, 90.0), (3, 90.3)]):
+        write_typed_job(precise / str(index), m, 3, 0, acc=acc, fp_acc=95.0, test_size=1_000_000)
+    fig = report.heatmap_figure(*results_for(precise))
+    acc_panel = [ax for ax in fig.axes if ax.images][0]
+    norm = acc_panel.images[0].norm
+    assert norm.vmax - norm.vmin == pytest.approx(plots.MIN_SPAN_PP)
+    assert not any("best" in t.get_text() for t in acc_panel.texts)  # 0.3 pp is 10 s.e. here
 
 
 def errorbars(fig) -> list:
@@ -404,8 +419,12 @@ def test_std_shown_only_with_two_or_more_seeds(tmp_path: Path) -> None:
         write_typed_job(one / str(index), m, 3, 0)
     results, baselines = results_for(one)
     size_fig = report.accuracy_vs_size_figure(results, baselines)
-    assert errorbars(size_fig) == []
-    assert "std" not in size_fig.axes[0].get_title()
+    ses = [r.mean("finetuned_acc_se") for r in results]
+    bars = errorbars(size_fig)
+    assert len(bars) == 2 and all(len(c.get_segments()) == 2 for c in bars)  # converted, fine-tuned: ± 1 s.e.
+    heights = sorted(abs(seg[1][1] - seg[0][1]) / 2 for seg in bars[1].get_segments())
+    assert heights == pytest.approx(sorted(ses))
+    assert "std" not in size_fig.axes[0].get_title() and "± 1 standard error" in size_fig.axes[0].get_title()
     heat = report.heatmap_figure(results, baselines)
     assert "± sample std" not in heat.get_suptitle() and "no std" in heat.get_suptitle()
     assert not any("±" in t.get_text() for ax in heat.axes for t in ax.texts)
@@ -415,9 +434,9 @@ def test_std_shown_only_with_two_or_more_seeds(tmp_path: Path) -> None:
         write_typed_job(two / str(index), m, 3, seed)
     results, baselines = results_for(two)
     size_fig = report.accuracy_vs_size_figure(results, baselines)
-    assert len(errorbars(size_fig)) == 2  # converted and fine-tuned, M=1 only
-    assert all(len(c.get_segments()) == 1 for c in errorbars(size_fig))
-    assert "bars = sample std" in size_fig.axes[0].get_title()
+    assert len(errorbars(size_fig)) == 2  # converted and fine-tuned: std for M=1, s.e. for M=3
+    assert all(len(c.get_segments()) == 2 for c in errorbars(size_fig))
+    assert "bars = ± sample std over seeds (≥ 2 seeds), else ± 1 s.e." in size_fig.axes[0].get_title()
     heat = report.heatmap_figure(results, baselines)
     assert "± sample std" in heat.get_suptitle()
     assert sum("±" in t.get_text() for ax in heat.axes for t in ax.texts) == 2  # accuracy and gap, M=1

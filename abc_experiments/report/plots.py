@@ -4,11 +4,15 @@ Built on :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot state,
 drawn so they do not mislead:
 
 * heatmap colour scales are shared: the fine-tuned accuracy panels of one dataset (one test set)
-  share a scale spanning at least :data:`MIN_SPAN_PP` points, so a spread of a few tenths does not
-  fill the whole colormap; every gap-to-FP panel shares one diverging scale centred at 0;
+  share a scale spanning at least :data:`MIN_SPAN_PP` points and at least :data:`SE_SPAN` binomial
+  standard errors, so differences within the standard error look alike instead of filling the
+  whole colormap; every gap-to-FP panel shares one diverging scale centred at 0, as wide;
+* cells that cannot be told apart from the group's best cell (difference within one s.e. of the
+  difference) say ``≈ best``, gap cells within one s.e. of FP say ``≈ FP``;
 * every accuracy figure states its test-set size and the binomial standard error;
-* ``± std`` (cells) and error bars appear only for configurations with two or more seeds, and the
-  titles promise them only then;
+* ``± std`` (cells) appears only for configurations with two or more seeds; the size plot's error
+  bars are ± the sample std over seeds where there are two or more, else ± one binomial s.e., and
+  its title says which;
 * the size plot labels every point (converted and fine-tuned) with its configuration's short id
   (the ``id`` column of report.md), placed by a collision check, and lists the ids in the legend.
 """
@@ -28,11 +32,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 
-from .aggregate import ConfigResult, _none_last, all_test_sizes, format_test_size, groups
+from .aggregate import ConfigResult, _difference_se, _none_last, all_test_sizes, close_calls, format_test_size, groups
 from .paper import PaperPoint, paper_reference_points
 from .tables import _text, format_n, group_label
 
 MIN_SPAN_PP = 2.0  # the least range (percentage points) a colour scale covers
+SE_SPAN = 4.0  # ... and at least this many standard errors, so one s.e. is at most a quarter of it
 LABEL_GID = "point-label"  # gid of the id labels in accuracy_vs_size.png (for tests)
 ACC_CMAP = "viridis"
 GAP_CMAP = "RdBu_r"  # diverging: red = below FP, blue = above FP, white = as good as FP
@@ -103,8 +108,10 @@ def _grid(results: Sequence[ConfigResult], column: str) -> tuple[list, list, np.
 
 
 def _draw_heatmap(fig: Figure, ax, results: Sequence[ConfigResult], column: str, cmap: str,
-                  norm: mcolors.Normalize, title: str, colorbar_label: str) -> None:
-    """One annotated M x N panel of a metric's mean (± std in the cell text with ≥ 2 seeds)."""
+                  norm: mcolors.Normalize, title: str, colorbar_label: str,
+                  marks: Mapping[tuple, str] | None = None) -> None:
+    """One annotated M x N panel of a metric's mean (± std in the cell text with ≥ 2 seeds);
+    ``marks`` maps (M, N) to a line added to that cell (e.g. ``≈ best``)."""
     ms, ns, means, stds = _grid(results, column)
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(means), cmap=colormap, norm=norm, origin="lower", aspect="auto")
@@ -123,9 +130,26 @@ def _draw_heatmap(fig: Figure, ax, results: Sequence[ConfigResult], column: str,
             ax.text(j, i, "not run", ha="center", va="center", fontsize=font_size, color="#555555")
             continue
         text = f"{means[i, j]:.{decimals}f}" + ("" if np.isnan(stds[i, j]) else f"\n±{stds[i, j]:.{decimals}f}")
+        mark = (marks or {}).get((ms[i], ns[j]))
+        text += f"\n{mark}" if mark else ""
         red, green, blue, _ = colormap(norm(means[i, j]))
         dark_cell = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
         ax.text(j, i, text, ha="center", va="center", fontsize=font_size, color="white" if dark_cell else "black")
+
+
+def _largest(values) -> float:
+    """The largest of ``values`` that is not None (0 when there is none)."""
+    return max([v for v in values if v is not None], default=0.0)
+
+
+def _close_call_marks(results: Sequence[ConfigResult]) -> tuple[dict, dict]:
+    """Per group, {(M, N): "best" | "≈ best"} and {(M, N): "≈ FP"} from :func:`close_calls`."""
+    best, like_fp = {}, {}
+    for call in close_calls(results):
+        if call.within:  # a lone best with nothing close needs no mark
+            best[call.group] = {(r.M, r.N): "≈ best" for r in call.within} | {(call.best.M, call.best.N): "best"}
+        like_fp[call.group] = {(r.M, r.N): "≈ FP" for r in call.like_fp}
+    return best, like_fp
 
 
 def heatmap_figure(results: Sequence[ConfigResult], baselines: Mapping) -> Figure:
@@ -138,10 +162,14 @@ def heatmap_figure(results: Sequence[ConfigResult], baselines: Mapping) -> Figur
     by_group = {group: [r for r in results if r.group == group] for group in rows}
     acc_norms = {}
     for dataset in dict.fromkeys(group[0] for group in rows):
-        values = [r.mean("finetuned_acc") for r in results if r.dataset == dataset]
-        acc_norms[dataset] = mcolors.Normalize(*span_limits([v for v in values if v is not None]))
+        members = [r for r in results if r.dataset == dataset]
+        values = [r.mean("finetuned_acc") for r in members]
+        span = max(MIN_SPAN_PP, SE_SPAN * _largest(r.mean("finetuned_acc_se") for r in members))
+        acc_norms[dataset] = mcolors.Normalize(*span_limits([v for v in values if v is not None], span))
     gaps = [r.mean("gap_to_fp") for r in results if r.mean("gap_to_fp") is not None]
-    gap_limits = symmetric_limits(gaps)
+    gap_se = _largest(_difference_se(r.mean("fp_acc_se"), r.mean("finetuned_acc_se")) for r in results)
+    gap_limits = symmetric_limits(gaps, max(MIN_SPAN_PP, SE_SPAN * gap_se))
+    best_marks, fp_marks = _close_call_marks(results)
 
     fig = _new_figure(figsize=(13, 1.0 + 4.6 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 2, squeeze=False)
@@ -151,13 +179,17 @@ def heatmap_figure(results: Sequence[ConfigResult], baselines: Mapping) -> Figur
         fp_text = "" if fp_acc is None else f" (FP {fp_acc:.1f}%)"
         precision = _precision_text(members)
         _draw_heatmap(fig, acc_ax, members, "finetuned_acc", ACC_CMAP, acc_norms[group[0]],
-                      f"{group_label(group)}: fine-tuned accuracy\n({precision})", "fine-tuned accuracy (%)")
+                      f"{group_label(group)}: fine-tuned accuracy\n({precision})", "fine-tuned accuracy (%)",
+                      best_marks.get(group))
         _draw_heatmap(fig, gap_ax, members, "gap_to_fp", GAP_CMAP, mcolors.Normalize(*gap_limits),
-                      f"{group_label(group)}: gap to FP{fp_text}\n({precision})", "FP − fine-tuned (pp)")
+                      f"{group_label(group)}: gap to FP{fp_text}\n({precision})", "FP − fine-tuned (pp)",
+                      fp_marks.get(group))
     std_text = "mean over seeds, ± sample std where ≥ 2 seeds" if _any_std(results) else "one seed each: no std"
     fig.suptitle(f"ABC-Net sweep: accuracy over M × N ({std_text})\n"
-                 f"colour scales: accuracy panels of one dataset share one, at least {MIN_SPAN_PP:g} pp wide;\n"
-                 "gap panels share one centred at 0 (white = as good as FP, red = below FP)", fontsize=12)
+                 f"colour scales ≥ {MIN_SPAN_PP:g} pp and ≥ {SE_SPAN:g} standard errors wide; accuracy panels of one "
+                 "dataset share one, gap panels one centred at 0 (white = as good as FP, red = below FP)\n"
+                 "≈ best / ≈ FP: not distinguishable from the group's best cell / from FP "
+                 "(within one s.e. of the difference)", fontsize=11)
     return fig
 
 
@@ -181,15 +213,23 @@ class LabelledPoint:
     color: object
 
 
+def _error_bar(r: ConfigResult, column: str) -> float | None:
+    """± sample std over seeds with two or more seeds, else ± the binomial s.e. (None if unknown)."""
+    stat = r.stats(column)
+    if r.n_seeds >= 2 and stat and stat[1] is not None:
+        return stat[1]
+    return r.mean(f"{column}_se")
+
+
 def _plot_stage(ax, results: Sequence[ConfigResult], column: str, color, marker: str, filled: bool,
                 label: str) -> list[LabelledPoint]:
-    """Accuracy of one stage (converted or fine-tuned) against ABC size; sample-std error bars only
-    for configurations with two or more seeds. Returns the points to label."""
+    """Accuracy of one stage (converted or fine-tuned) against ABC size, with error bars (see
+    :func:`_error_bar`). Returns the points to label."""
     points = []
     for r in results:
         size, acc = r.stats("size_kb"), r.stats(column)
         if size and acc:
-            points.append((size[0], acc[0], acc[1] if r.n_seeds >= 2 else None, r.id))
+            points.append((size[0], acc[0], _error_bar(r, column), r.id))
     if not points:
         return []
     ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, markersize=8,
@@ -334,8 +374,9 @@ def accuracy_vs_size_figure(results: Sequence[ConfigResult], baselines: Mapping)
     scale = "log scale; " if wide else ""
     ax.set_xlabel(f"model size (kB, {scale}★ = full-precision model)", fontsize=11)
     ax.set_ylabel("accuracy (%)", fontsize=11)
-    bars = "; bars = sample std over seeds (where ≥ 2 seeds)" if _any_std(results) else ""
-    ax.set_title(f"ABC-Net sweep: accuracy vs model size (mean over seeds{bars})\n{_precision_text(results)}; "
+    bars = ("bars = ± sample std over seeds (≥ 2 seeds), else ± 1 s.e." if _any_std(results)
+            else "bars = ± 1 standard error")
+    ax.set_title(f"ABC-Net sweep: accuracy vs model size (mean over seeds; {bars})\n{_precision_text(results)}; "
                  "numbers = id in report.md; lines join fine-tuned points of equal N", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.08, y=0.15)
