@@ -37,6 +37,7 @@ from .pipeline import read_earlier_summary, refuse_resume_message, resume_confli
 from .results import FAILED, FINISHED, SUMMARY_FILE, ABCSetting, RunSummary
 from .rundirs import override_arg
 from .settings import flat_settings
+from .tb import shared_fp_root
 from .training import TrainingDiverged, TrainingInterrupted
 
 log = logging.getLogger("abc-run")
@@ -95,7 +96,7 @@ def run_job(cfg: DictConfig) -> float:
             if type(handler) is logging.StreamHandler:
                 handler.setLevel(logging.WARNING)
     try:
-        value = run(cfg)
+        value = run(cfg, shared_fp_root(HydraConfig.get().sweep.dir) if multirun else None)
         if multirun:
             print(f"  {_job_line(Path(cfg.run_dir))}", flush=True)
         return value

@@ -50,7 +50,7 @@ from .progress import Progress
 from .results import FAILED, FINISHED, INTERRUPTED, RUNNING, STAGES, SUMMARY_FILE, ABCSetting, RunSummary, StageResult
 from .resume import read_earlier_summary, refuse_resume_message, resume_conflicts, resume_requested
 from .settings import flat_settings, format_layer_precision
-from .tb import Boards
+from .tb import Boards, log_epoch
 from .training import (
     FitResult,
     Metrics,
@@ -59,7 +59,6 @@ from .training import (
     TrainingInterrupted,
     autocast,
     evaluate,
-    log_epoch,
     seed_stage,
     train_stage,
 )
@@ -94,8 +93,9 @@ class Experiment:
     result obtained so far).
     """
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, shared_fp_root: Path | None = None):
         self.cfg = cfg
+        self.shared_fp_root = shared_fp_root  # a sweep's folder of FP TensorBoard runs (see Boards)
         self.run_dir = Path(cfg.run_dir).absolute()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.ctx = distributed.context(cfg.device)
@@ -179,9 +179,12 @@ class Experiment:
                               f"({kept}). Set {' or '.join(fixes) or 'another model'}.") from None
 
     # ---- stages --------------------------------------------------------------------------------
-    def pretrain(self, splits, model: nn.Module, env: StageEnvironment, board) -> PretrainResult:
-        """Train, load or take from the cache the FP model (in place); returns where it came from."""
+    def pretrain(self, splits, model: nn.Module, env: StageEnvironment) -> PretrainResult:
+        """Train, load or take from the cache the FP model (in place); returns where it came from.
+        Its curves go to the FP board, which this opens (shared by a sweep's jobs, see :class:`Boards`)."""
         cfg = self.cfg.pretrain
+        if cfg.checkpoint or cfg.epochs == 0:
+            self.boards.open_fp(None, self.run_dir)
         if cfg.checkpoint:
             path = Path(cfg.checkpoint).expanduser().absolute()
             load_model_state(model, load_checkpoint(path, "pretrain.checkpoint"), path, "pretrain.checkpoint")
@@ -196,6 +199,8 @@ class Experiment:
                         split_sizes=[len(splits.train), len(splits.val), len(splits.test), splits.num_classes])
         cache = PretrainCache(Path(self.cfg.cache_dir).absolute(), f"{self.cfg.model.name}-{self.cfg.dataset.name}",
                               settings)
+        self.boards.open_fp(cache.path.stem, self.run_dir)
+        board = self.boards.fp
 
         def from_cache() -> PretrainResult | None:
             try:
@@ -318,7 +323,7 @@ class Experiment:
                 if earlier.stage(stage) is not None:
                     summary.set_stage(stage, earlier.stage(stage))
         summary.mark_running()
-        self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main)
+        self.boards = Boards(self.run_dir / "tb", enabled=self.ctx.is_main, shared_fp_root=self.shared_fp_root)
         if self.resume and not self.ckpt_dir.is_dir():
             log.warning("resume=true, but %s holds no checkpoints: starting from the beginning", self.run_dir)
         log.info("run dir: %s (device %s%s)", self.run_dir, device, ", resuming" if self.resume else "")
@@ -328,7 +333,7 @@ class Experiment:
         loaders = self.loaders(splits, cfg.finetune, device)
         with env.stop:
             with summary.timed("pretrain"):
-                pretrained = self.pretrain(splits, fp_model, env, self.boards.fp)
+                pretrained = self.pretrain(splits, fp_model, env)
                 summary.fp_source, summary.fp_history = pretrained.source, pretrained.history
                 summary.pretrain_cache = pretrained.cache_path
                 if pretrained.fit is not None:
@@ -337,6 +342,9 @@ class Experiment:
                         summary.resumed_from.append(pretrained.fit.resumed_from)
                 summary.set_stage("fp", self.evaluate(fp_model, loaders, device, what="FP model"))
             log.info("FP model (%s): test acc %.2f%%", summary.fp_source, summary.fp.acc)
+            fp_epochs = len(pretrained.history)  # the ABC curves continue from there
+            self.boards.log_fp_test(summary.fp, fp_epochs)
+            self.boards.start_abc(fp_epochs)
             self.write_summary()
 
             with summary.timed("convert"):
@@ -344,7 +352,7 @@ class Experiment:
                 summary.conversion = self.convert_and_calibrate(abc_model, loaders)
                 summary.set_stage("converted", self.evaluate(abc_model, loaders, device, what="converted model"))
             log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, summary.converted.acc)
-            self.boards.log_converted(summary.converted, abc_model)
+            self.boards.log_converted(summary.converted, summary.fp, abc_model)
             self.write_summary()
 
             with summary.timed("finetune"):
@@ -363,7 +371,7 @@ class Experiment:
         summary.wall_time_s["total"] = round(time.perf_counter() - started, 3)
         summary.status = FINISHED
         self.write_summary()
-        self.boards.log_final(summary, str(layer_summary))
+        self.boards.log_final(summary, str(layer_summary), len(summary.finetuned.history))
         log.info("\n%s\n%s", layer_summary, results_table(summary))
         hint = compression_hint(abc_model, (summary.conversion or {}).get("report", {}).get("kept", {}),
                                 summary.size.compression if summary.size else None)
@@ -446,14 +454,18 @@ def results_table(summary: RunSummary) -> str:
     return "\n".join(row for row in rows if row)
 
 
-def run(cfg: DictConfig) -> float:
+def run(cfg: DictConfig, shared_fp_root: Path | None = None) -> float:
     """Run the experiment of ``cfg``; return the fine-tuned validation accuracy (%).
+
+    ``shared_fp_root``: in a sweep, the folder where the FP model's TensorBoard curves are written
+    once per pretraining (:func:`abc_experiments.tb.shared_fp_root` of the sweep dir); None: in the
+    run's own ``tb/fp``.
 
     Settings are checked before anything is written: a config error or a refused resume leaves the
     run dir as it was. Past that, on failure or interruption ``summary.json`` records the status,
     the error and every result obtained so far, and the exception propagates.
     """
-    experiment = Experiment(cfg)
+    experiment = Experiment(cfg, shared_fp_root)
     try:
         summary = experiment.run()
     except BaseException as error:

@@ -26,6 +26,7 @@ from .checkpoints import CheckpointError, ResumeRefusedError, atomic_save, load_
 from .distributed import DistributedContext
 from .progress import INTERVAL_S, Progress
 from .settings import setting_differences
+from .tb import STEP_LOSS, log_epoch
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +275,8 @@ def train_stage(stage: str, model: nn.Module, loaders: dict, cfg, env: StageEnvi
 class StageTrainer:
     """Trains ``model`` for one stage; ``fit()`` returns the per-epoch history.
 
-    Each epoch logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and ``lr`` to
-    ``writer`` (the same tags for every stage, so TensorBoard overlays them), keeps
+    Each epoch logs :data:`abc_experiments.tb.EPOCH_TAGS` to ``writer`` (the same tags for every
+    stage, on one x axis: see :mod:`abc_experiments.tb`), keeps
     ``<stage>_last.pt`` and ``<stage>_best.pt`` (best validation accuracy) in ``env.checkpoint_dir``.
     """
 
@@ -387,7 +388,7 @@ class StageTrainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 if self.is_writer:
-                    self.writer.add_scalar("train/loss_step", loss_value, self.global_step)
+                    self.writer.add_scalar(STEP_LOSS, loss_value, self.global_step)
                 progress.update(1, loss=f"{self.running[0] / self.running[2]:.4f}",
                                 acc=f"{100 * self.running[1] / self.running[2]:.2f}%")
         finally:
@@ -438,15 +439,3 @@ class StageTrainer:
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
-
-
-def log_epoch(writer, record: dict, step: int) -> None:
-    """The per-epoch tags shared by every stage (step = epoch, so stages overlay)."""
-    writer.add_scalar("train/loss", record["train_loss"], step)
-    writer.add_scalar("train/acc", record["train_acc"], step)
-    writer.add_scalar("val/loss", record["val_loss"], step)
-    writer.add_scalar("val/acc", record["val_acc"], step)
-    writer.add_scalar("lr", record["lr"], step)
-    if "images_per_s" in record:  # older cached histories lack it
-        writer.add_scalar("train/images_per_s", record["images_per_s"], step)
-    writer.flush()

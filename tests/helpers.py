@@ -53,13 +53,6 @@ def read_summary_after(function, cfg, run_dir):
     return read_summary(run_dir)
 
 
-def scalar_tags(event_dir: Path) -> set[str]:
-    # imported here: test_packed*.py import this module where only torch and pytest may be installed
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    return set(EventAccumulator(str(event_dir)).Reload().Tags()["scalars"])
-
-
 def results(summary: dict) -> dict:
     return {stage: {k: summary[stage][k] for k in ("acc", "loss", "val_acc", "val_loss")}
             for stage in ("fp", "converted", "finetuned")}

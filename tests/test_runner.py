@@ -18,19 +18,20 @@ from helpers import (
     read_summary_after,
     results,
     run_cli,
-    scalar_tags,
     tree_bytes,
 )
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 import abc_experiments.pipeline as pipeline
+from abc_experiments import tb
 from abc_experiments.checkpoints import CheckpointError, ResumeRefusedError
 from abc_experiments.config import ConfigError, validate
 from abc_experiments.pipeline import run
 
-EPOCH_TAGS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr", "train/images_per_s"}
+EPOCH_TAGS = set(tb.EPOCH_TAGS.values())
 
 
 def untimed(history: list[dict]) -> list[dict]:
@@ -64,16 +65,36 @@ def test_run_writes_summary_checkpoints_and_tensorboard(compose_cfg, tmp_path):
     assert summary["fp"]["test_size"] == 359 and summary["finetuned"]["val_size"] == 144
     assert summary["images_per_s"]["pretrain"] > 0 and summary["images_per_s"]["finetune"] > 0
     # TensorBoard: one dir per stage, same tags, one scalar per alpha/beta/shift, text and hparams
-    assert EPOCH_TAGS <= scalar_tags(run_dir / "tb" / "fp")
+    fp_events = EventAccumulator(str(run_dir / "tb" / "fp")).Reload()
+    assert EPOCH_TAGS | {tb.TEST_ACC} <= set(fp_events.Tags()["scalars"])
     abc_events = EventAccumulator(str(run_dir / "tb" / "abc")).Reload()
     abc_scalars = set(abc_events.Tags()["scalars"])
-    assert EPOCH_TAGS <= abc_scalars
+    assert EPOCH_TAGS | {tb.TEST_ACC, tb.FP_TEST_ACC, tb.GAP_TO_FP} <= abc_scalars
+    # the comparison sorts first: accuracy, then loss, before any per-layer parameter
+    groups = [tag.split("/")[0] for tag in sorted(abc_scalars)]
+    assert groups[:8] == ["1_accuracy"] * 5 + ["2_loss"] * 3
+    # one x axis, epochs since initialisation: FP 1..2, ABC from 2 (converted) to 2 + 1 fine-tuning epoch
+    assert [e.step for e in fp_events.Scalars(tb.EPOCH_TAGS["val_acc"])] == [1, 2]
+    assert [e.step for e in fp_events.Scalars(tb.TEST_ACC)] == [2]
+    assert [e.value for e in fp_events.Scalars(tb.TEST_ACC)] == [pytest.approx(summary["fp"]["acc"])]
+    assert [e.step for e in abc_events.Scalars(tb.EPOCH_TAGS["val_acc"])] == [2, 3]
+    assert [e.step for e in abc_events.Scalars("alphas/conv2/0")] == [2, 3]
+    test_points = abc_events.Scalars(tb.TEST_ACC)
+    assert [(e.step, e.value) for e in test_points] == [
+        (2, pytest.approx(summary["converted"]["acc"])), (3, pytest.approx(summary["finetuned"]["acc"]))]
+    assert [e.value for e in abc_events.Scalars(tb.GAP_TO_FP)] == [
+        pytest.approx(summary["gaps"]["converted"]), pytest.approx(summary["gaps"]["finetuned"])]
+    assert [e.value for e in abc_events.Scalars(tb.FP_TEST_ACC)] == [pytest.approx(summary["fp"]["acc"])] * 2
     assert {"alphas/conv2/0", "alphas/conv2/1", "betas/conv2/1", "shifts/conv2/1"} <= abc_scalars
     assert not abc_events.Tags()["histograms"]
     assert "abc/layers/text_summary" in abc_events.Tags()["tensors"]
     # the HParams dashboard reads the per-epoch tags: no single-point charts in Scalars
     assert not any(tag.startswith("hparam") for tag in abc_scalars)
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= event_tags(run_dir / "tb" / "abc")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        abc_events.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert metrics[:3] == [tb.TEST_ACC, tb.FP_TEST_ACC, tb.GAP_TO_FP] and set(metrics) <= abc_scalars
     # checkpoints load with weights_only=True
     for name in ("pretrain_last.pt", "pretrain_best.pt", "finetune_last.pt", "finetune_best.pt"):
         assert isinstance(torch.load(run_dir / "checkpoints" / name, weights_only=True), dict)

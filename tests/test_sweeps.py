@@ -65,9 +65,12 @@ def test_sweep_job_dirs_and_tensorboard_runs_are_named_by_the_swept_keys(tmp_pat
     # what is shared stays on record: in the sweep's multirun.yaml and each job's overrides.yaml
     assert "finetune.lr=0.002" in (sweep / "multirun.yaml").read_text()
     assert "finetune.lr=0.002" in (sweep / "abc.M=2" / ".hydra" / "overrides.yaml").read_text()
-    # TensorBoard's run list on the sweep dir: job, then stage, short enough to read at a glance
-    runs = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Runs()
-    assert sorted(runs) == ["abc.M=1/tb/abc", "abc.M=1/tb/fp", "abc.M=2/tb/abc", "abc.M=2/tb/fp"]
+    # TensorBoard's run list on the sweep dir: each job's ABC run, short enough to read at a
+    # glance, and the FP model they share once (not one identical FP curve per job)
+    runs = sorted(EventMultiplexer().AddRunsFromDirectory(str(sweep)).Runs())
+    cache_entry = next((tmp_path / "cache" / "pretrain").glob("*.pt")).stem
+    assert runs == ["abc.M=1/tb/abc", "abc.M=2/tb/abc", f"tb_fp/{cache_entry}"]
+    assert (sweep / "tb_fp" / cache_entry / "claimed_by").read_text().strip() == str(sweep / "abc.M=1")
 
     # a job of the sweep resumes as a single run in its own dir (the command Ctrl-C would print)
     job = sweep / "abc.M=2"
@@ -77,7 +80,7 @@ def test_sweep_job_dirs_and_tensorboard_runs_are_named_by_the_swept_keys(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = json.loads((job / "summary.json").read_text())
     assert after["status"] == "finished" and after["finetuned"]["acc"] == before["finetuned"]["acc"]
-    assert sorted(p.name for p in sweep.iterdir()) == ["abc.M=1", "abc.M=2", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["abc.M=1", "abc.M=2", "multirun.yaml", "tb_fp"]
 
 
 def test_a_failing_job_is_recorded_and_the_others_finish(tmp_path):

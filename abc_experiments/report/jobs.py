@@ -21,7 +21,7 @@ from ..settings import RUN_ONLY_KEYS, flat_settings
 
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 SKIPPED_DIRS = frozenset({".hydra", "tb", "checkpoints"})
-SKIPPED_TOP_LEVEL_DIRS = frozenset({"cache"})
+SKIPPED_TOP_LEVEL_DIRS = frozenset({"cache", "tb_fp"})  # tb_fp: abc_experiments.tb.SHARED_FP_DIR (no torch import here)
 
 UNFINISHED = "unfinished"
 UNREADABLE = "unreadable"
