@@ -13,10 +13,11 @@ conversion and what fine-tuning wins back read off one card. (With an FP model f
 
 Tags sort so that the comparison comes first in the Time Series and Scalars dashboards:
 
-* ``1_accuracy/{train,val,test}``: per epoch; ``test`` is one point per evaluated model (FP at E;
-  ABC converted at E and fine-tuned at E+F); the ABC run adds ``1_accuracy/fp_test`` (the FP
-  model's test accuracy at the ABC run's steps, a reference line) and ``1_accuracy/gap_to_fp``;
-* ``2_loss/{train,val,test}``; ``3_schedule/{lr,images_per_s}``;
+* ``1_accuracy/{test,train,val}``: per epoch; ``test`` is one point per evaluated model (FP at E;
+  ABC converted at E and fine-tuned at E+F);
+* ``2_vs_fp/{gap_to_fp,fp_test_acc}`` (ABC run, at E and E+F): FP minus ABC test accuracy, and
+  the FP model's test accuracy itself (for the HParams table);
+* ``3_loss/{test,train,val}``; ``4_schedule/{lr,images_per_s}``;
 * ``alphas/<layer>/<i>``, ``betas/...``, ``shifts/...`` (ABC run, per epoch);
 * ``steps/train_loss``: per optimizer step of the stage (its own x axis: steps within the stage).
 
@@ -43,11 +44,11 @@ log = logging.getLogger(__name__)
 # Per-epoch tags of every stage, by the key of the epoch record they show.
 EPOCH_TAGS = {
     "train_acc": "1_accuracy/train", "val_acc": "1_accuracy/val",
-    "train_loss": "2_loss/train", "val_loss": "2_loss/val",
-    "lr": "3_schedule/lr", "images_per_s": "3_schedule/images_per_s",
+    "train_loss": "3_loss/train", "val_loss": "3_loss/val",
+    "lr": "4_schedule/lr", "images_per_s": "4_schedule/images_per_s",
 }
-TEST_ACC, TEST_LOSS = "1_accuracy/test", "2_loss/test"
-FP_TEST_ACC, GAP_TO_FP = "1_accuracy/fp_test", "1_accuracy/gap_to_fp"
+TEST_ACC, TEST_LOSS = "1_accuracy/test", "3_loss/test"
+FP_TEST_ACC, GAP_TO_FP = "2_vs_fp/fp_test_acc", "2_vs_fp/gap_to_fp"
 STEP_LOSS = "steps/train_loss"
 # The HParams dashboard's metrics (each run's last value of these tags).
 HPARAM_METRICS = (TEST_ACC, FP_TEST_ACC, GAP_TO_FP, EPOCH_TAGS["val_acc"], EPOCH_TAGS["val_loss"],

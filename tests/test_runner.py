@@ -72,7 +72,7 @@ def test_run_writes_summary_checkpoints_and_tensorboard(compose_cfg, tmp_path):
     assert EPOCH_TAGS | {tb.TEST_ACC, tb.FP_TEST_ACC, tb.GAP_TO_FP} <= abc_scalars
     # the comparison sorts first: accuracy, then loss, before any per-layer parameter
     groups = [tag.split("/")[0] for tag in sorted(abc_scalars)]
-    assert groups[:8] == ["1_accuracy"] * 5 + ["2_loss"] * 3
+    assert groups[:8] == ["1_accuracy"] * 3 + ["2_vs_fp"] * 2 + ["3_loss"] * 3
     # one x axis, epochs since initialisation: FP 1..2, ABC from 2 (converted) to 2 + 1 fine-tuning epoch
     assert [e.step for e in fp_events.Scalars(tb.EPOCH_TAGS["val_acc"])] == [1, 2]
     assert [e.step for e in fp_events.Scalars(tb.TEST_ACC)] == [2]
