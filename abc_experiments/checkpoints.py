@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 
 from .results import FINAL_CHECKPOINT  # noqa: F401  (re-exported: where checkpoint code looks for it)
@@ -154,10 +155,20 @@ class PretrainCache:
 
     @contextmanager
     def lock(self):
-        """Held while one job trains the model; other jobs wait, then find it in the cache."""
+        """Held while one job trains the model; other jobs wait (and say so), then find it in the cache."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + ".lock"):
+        lock = FileLock(str(self.path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logging.getLogger(__name__).info(
+                "another process is training this FP model (lock %s.lock): waiting for it, then reusing it",
+                self.path)
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def load(self) -> dict:
         return load_checkpoint(self.path, "cached pretrained model")

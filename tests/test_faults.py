@@ -182,3 +182,36 @@ def test_run_only_keys_are_the_run_dir_exclude_keys():
 
     hydra_conf = yaml.safe_load((ROOT / "conf" / "hydra" / "default.yaml").read_text())
     assert set(hydra_conf["job"]["config"]["override_dirname"]["exclude_keys"]) == set(RUN_ONLY_KEYS)
+
+
+def test_a_job_waiting_for_another_to_train_the_fp_model_says_so(tmp_path, caplog):
+    """Concurrent sweep jobs wait on the pretrain cache's lock; the waiting one logs why it is idle."""
+    import threading
+
+    from filelock import FileLock
+
+    from abc_experiments.checkpoints import PretrainCache
+
+    cache = PretrainCache(tmp_path, "seed_cnn-digits", {"seed": 0})
+    cache.path.parent.mkdir(parents=True)
+    other = FileLock(str(cache.path) + ".lock")
+    other.acquire()  # another process training the model
+    entered = threading.Event()
+
+    def job():
+        with cache.lock():
+            entered.set()
+
+    with caplog.at_level("INFO", logger="abc_experiments.checkpoints"):
+        waiting = threading.Thread(target=job)
+        waiting.start()
+        assert not entered.wait(0.5)  # blocked while the lock is held
+        other.release()
+        waiting.join(10)
+    assert entered.is_set()
+    assert "another process is training this FP model" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="abc_experiments.checkpoints"), cache.lock():
+        pass
+    assert caplog.text == ""  # a free lock: no message
