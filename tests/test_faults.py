@@ -61,6 +61,24 @@ def test_interrupted_run_resumes_with_the_printed_command(tmp_path):
     assert summary["status"] == "finished" and summary["resumed_from"][0]["stage"] == "pretrain"
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly(tmp_path):
+    """Ctrl-C and schedulers signal the whole process group: DataLoader workers must not die first
+    (the main process then failed with "DataLoader worker ... is killed by signal" and exit 1)."""
+    process = subprocess.Popen(cli_command() + TINY + ["pretrain.epochs=3", "pretrain.batch_size=8",
+                                                       "data.num_workers=1"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    for _ in range(600):
+        if list(tmp_path.glob("outputs/runs/*/checkpoints/pretrain_last.pt")) or process.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.1"])
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "resume with:" in output and "Traceback" not in output and "killed by signal" not in output
+
+
 # ---- 2. a refused resume leaves the run dir byte-for-byte as it was --------------------------
 @pytest.mark.slow
 def test_refused_resume_changes_nothing_in_a_finished_run(tmp_path):

@@ -13,6 +13,7 @@ whole split.
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -29,6 +30,15 @@ def default_num_workers(dataset_name: str) -> int:
     if dataset_name in IN_MEMORY_DATASETS:
         return 0
     return min(MAX_DEFAULT_WORKERS, max(0, (os.cpu_count() or 1) - 1))
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: a worker ignores SIGINT and SIGTERM. Ctrl-C in a
+    terminal, ``kill -TERM -<pgid>`` and cluster schedulers signal the whole process group; the main
+    process then stops after the current step and saves a checkpoint, which needs the next batch
+    from its workers, and it shuts them down itself (they also exit when it dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _seeded_generator(seed: int) -> torch.Generator:
@@ -122,7 +132,8 @@ def build_loaders(
     workers = default_num_workers(splits.name) if num_workers is None else num_workers
     eval_batch_size = eval_batch_size or batch_size
     # Workers persist for the loaders read every epoch (train, val), not for test and calib.
-    once = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "drop_last": False}
+    once = {"num_workers": workers, "pin_memory": device.startswith("cuda"), "drop_last": False,
+            "worker_init_fn": ignore_stop_signals if workers > 0 else None}
     options = dict(once, persistent_workers=workers > 0)
     return {
         "train": _train_loader(splits.train, batch_size, seed, sampler_rank, sampler_world_size, **options),
