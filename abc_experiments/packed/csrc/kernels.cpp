@@ -8,6 +8,7 @@
 // compiled for a wider ISA than the caller's CPU may have.
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 

@@ -163,7 +163,8 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
         if (!spilled) {
           V::fold(t, c, acc[cb][p][nn], a.half_k);
         } else {
-          for (int l = 0; l < 8; ++l) t[l] += c[l] * (static_cast<float>(total[cb][p][nn][l]) - a.half_k);
+          for (int l = 0; l < 8; ++l)  // fused, as V::fold: the same bits on every path
+            t[l] = std::fma(c[l], static_cast<float>(total[cb][p][nn][l]) - a.half_k, t[l]);
         }
       }
 }

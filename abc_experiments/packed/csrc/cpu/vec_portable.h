@@ -27,7 +27,8 @@ struct V {
     acc = czero();
   }
   static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
-    for (int l = 0; l < 8; ++l) t[l] += c[l] * (static_cast<float>(acc.v[l]) - half_k);
+    // a fused multiply-add, rounded once as the AVX paths' vfmadd: every path gives the same bits
+    for (int l = 0; l < 8; ++l) t[l] = std::fma(c[l], static_cast<float>(acc.v[l]) - half_k, t[l]);
   }
   static inline uint32_t cmp8(const float* x, float v) {
     uint32_t bits = 0;
