@@ -14,6 +14,8 @@ batches, one after the other):
     python scripts/bench_calibration.py --data-root ../shared/datasets/cifar10-subset \\
         --fp-checkpoint outputs/cache/pretrain/resnet20-cifar10-<key>.pt
 
+``--methods`` picks some of them (``loop_folded,one_pass,one_pass_bn``) and ``--scopes
+per_layer,per_channel`` compares one alpha set per layer (the paper) with one per output channel.
 ``--fp-checkpoint`` is a ResNet-20 state dict (bare or under ``"model"``, e.g. the pretrain cache
 of an ``experiment=cifar10_subset_resnet20`` run). Writes ``outputs/bench/bench_calibration.json``.
 Target (issue 17): calibration of ResNet-20 in at most 60 s on 2 cores.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -35,10 +38,10 @@ from abc_experiments.data import build_datasets
 from abc_experiments.models.registry import build_model
 from abc_experiments.nn import calibrate, convert
 
-METHODS = {
-    "loop, offset folded": dict(method="layerwise"),
-    "one pass, exact offset": dict(method="one_pass", batchnorm_in_pass=False),
-    "one pass, exact offset, BN in pass": dict(method="one_pass", batchnorm_in_pass=True),
+METHODS = {  # --methods name: (label, calibrate options)
+    "loop_folded": ("loop, offset folded", dict(method="layerwise")),
+    "one_pass": ("one pass, exact offset", dict(method="one_pass", batchnorm_in_pass=False)),
+    "one_pass_bn": ("one pass, exact offset, BN in pass", dict(method="one_pass", batchnorm_in_pass=True)),
 }
 
 
@@ -50,8 +53,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="calibration batches of --batch-size")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--scopes", default="per_layer",
+                        help="comma-separated alpha scopes: per_layer (the paper), per_channel (one alpha set "
+                             "per output channel)")
     parser.add_argument("--out", default="outputs/bench/bench_calibration.json")
     args = parser.parse_args()
+    methods = [METHODS[name] for name in args.methods.split(",")]
+    scopes = args.scopes.split(",")
     torch.set_num_threads(args.threads)
     splits = build_datasets("cifar10", root=args.data_root, download=False, verify=False)
     model = build_model("resnet20", splits.in_channels, splits.image_size, splits.num_classes)
@@ -74,24 +83,24 @@ def main() -> None:
     rows = []
     print(f"FP test accuracy {fp_acc:.2f} % on {len(splits.test)} images; calibration on {args.batches} x "
           f"{args.batch_size} images, {args.threads} threads")
-    print(f"{'M':>2} {'N':>2}  {'calibration':<36} {'seconds':>8} {'test acc':>9} {'gap':>6} {'logit err':>9}")
-    for pair in args.configs.split():
+    print(f"{'M':>2} {'N':>2}  {'scope':<11} {'calibration':<36} {'seconds':>8} {'test acc':>9} {'gap':>6} "
+          f"{'logit err':>9}")
+    for pair, scope, (label, options) in itertools.product(args.configs.split(), scopes, methods):
         M, N = (int(v) for v in pair.split(","))
-        for label, options in METHODS.items():
-            net = copy.deepcopy(model)
-            convert(net, M, N)
-            started = time.perf_counter()
-            calibrate(net, batches, **options)
-            seconds = time.perf_counter() - started
-            if label.endswith("offset folded"):
-                net.load_state_dict({key: torch.zeros_like(value) if key.endswith("input_offset") else value
-                                     for key, value in net.state_dict().items()})
-            acc, logits = evaluate(net)
-            error = ((logits - fp_logits).norm() / fp_logits.norm()).item()
-            rows.append({"M": M, "N": N, "calibration": label, "seconds": seconds, "test_acc": acc,
-                         "gap": fp_acc - acc, "logit_error": error})
-            print(f"{M:>2} {N:>2}  {label:<36} {seconds:>8.1f} {acc:>9.2f} {fp_acc - acc:>6.2f} {error:>9.3f}",
-                  flush=True)
+        net = copy.deepcopy(model)
+        convert(net, M, N, scope=scope)
+        started = time.perf_counter()
+        calibrate(net, batches, **options)
+        seconds = time.perf_counter() - started
+        if label.endswith("offset folded"):
+            net.load_state_dict({key: torch.zeros_like(value) if key.endswith("input_offset") else value
+                                 for key, value in net.state_dict().items()})
+        acc, logits = evaluate(net)
+        error = ((logits - fp_logits).norm() / fp_logits.norm()).item()
+        rows.append({"M": M, "N": N, "scope": scope, "calibration": label, "seconds": seconds,
+                     "test_acc": acc, "gap": fp_acc - acc, "logit_error": error})
+        print(f"{M:>2} {N:>2}  {scope:<11} {label:<36} {seconds:>8.1f} {acc:>9.2f} {fp_acc - acc:>6.2f} {error:>9.3f}",
+              flush=True)
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other processes on the machine)")
     out = Path(args.out)
