@@ -85,6 +85,9 @@ class ModelConfig:
 class CalibrationConfig:
     batches: int = 8  # training batches used to fit shifts and betas (0 disables calibration)
     batchnorm: bool = True  # re-estimate BatchNorm statistics after conversion
+    # ... as a correction of the FP model's training-time statistics by the shift conversion causes
+    # on the calibration batches (False: replace them by the calibration batches' statistics)
+    batchnorm_relative: bool = True
     max_samples: int = 262144  # input values sampled per layer
 
 

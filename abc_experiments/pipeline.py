@@ -229,9 +229,10 @@ class Experiment:
                 cache.store(model, fit.history)
             return PretrainResult("trained", fit.history, str(cache.path), fit)
 
-    def convert_and_calibrate(self, model: nn.Module, loaders: dict) -> dict:
-        """Convert ``model`` to ABC in place and calibrate it; returns the conversion report and the
-        per-layer activation errors (the summary's ``conversion``)."""
+    def convert_and_calibrate(self, model: nn.Module, loaders: dict, reference: nn.Module) -> dict:
+        """Convert ``model`` to ABC in place and calibrate it (``reference``: the FP model it is a
+        copy of); returns the conversion report and the per-layer activation errors (the summary's
+        ``conversion``)."""
         cfg = self.cfg.abc
         seed_stage(self.cfg.seed, "convert")
         overrides = format_layer_precision(_layer_overrides(cfg))
@@ -253,7 +254,8 @@ class Experiment:
                              time.perf_counter() - progress.started)
 
             errors = calibrate(model, batches, max_samples=cfg.calibration.max_samples,
-                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed, progress=layer_done)
+                               batchnorm=cfg.calibration.batchnorm, seed=self.cfg.seed, progress=layer_done,
+                               reference=reference if cfg.calibration.batchnorm_relative else None)
             progress.close()
         return {"report": report.to_dict(), "activation_errors": errors}
 
@@ -349,7 +351,7 @@ class Experiment:
 
             with summary.timed("convert"):
                 abc_model = copy.deepcopy(fp_model)
-                summary.conversion = self.convert_and_calibrate(abc_model, loaders)
+                summary.conversion = self.convert_and_calibrate(abc_model, loaders, reference=fp_model)
                 summary.set_stage("converted", self.evaluate(abc_model, loaders, device, what="converted model"))
             log.info("converted ABC(%d, %s): test acc %.2f%%", cfg.abc.M, cfg.abc.N, summary.converted.acc)
             self.boards.log_converted(summary.converted, summary.fp, abc_model)

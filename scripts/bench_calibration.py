@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--bases", default="shifted", help="weight bases: shifted (the paper's grid) or residual")
     parser.add_argument("--scopes", default="per_layer",
                         help="comma-separated alpha scopes: per_layer (the paper), per_channel (one alpha set "
                              "per output channel)")
@@ -88,7 +89,7 @@ def main() -> None:
     for pair, scope, (label, options) in itertools.product(args.configs.split(), scopes, methods):
         M, N = (int(v) for v in pair.split(","))
         net = copy.deepcopy(model)
-        convert(net, M, N, scope=scope)
+        convert(net, M, N, scope=scope, bases=args.bases)
         started = time.perf_counter()
         calibrate(net, batches, **options)
         seconds = time.perf_counter() - started
@@ -97,7 +98,7 @@ def main() -> None:
                                  for key, value in net.state_dict().items()})
         acc, logits = evaluate(net)
         error = ((logits - fp_logits).norm() / fp_logits.norm()).item()
-        rows.append({"M": M, "N": N, "scope": scope, "calibration": label, "seconds": seconds,
+        rows.append({"M": M, "N": N, "scope": scope, "bases": args.bases, "calibration": label, "seconds": seconds,
                      "test_acc": acc, "gap": fp_acc - acc, "logit_error": error})
         print(f"{M:>2} {N:>2}  {scope:<11} {label:<36} {seconds:>8.1f} {acc:>9.2f} {fp_acc - acc:>6.2f} {error:>9.3f}",
               flush=True)

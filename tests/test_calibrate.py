@@ -128,3 +128,47 @@ def test_the_exact_input_offset_brings_the_model_closer_than_folding_it_into_the
     assert sum(1 for key in folded_only if key.endswith("input_offset")) == len(abc_layers(model))
     model.load_state_dict(folded_only)
     assert exact < 0.9 * output_error(model, original, x)
+
+
+@pytest.mark.parametrize("method", ["one_pass", "layerwise"])
+def test_batchnorm_relative_to_the_fp_model(method):
+    """With the FP model as reference, each BatchNorm ends at its training-time statistics moved by
+    the shift conversion causes on the calibration batches: mean0 + (mu_abc - mu_fp), var0 * var_abc
+    / var_fp, each (mu, var) re-estimated the same way on the same images (computed here by hand)."""
+    fp = settled_resnet20()
+    inputs = batches()
+    model = copy.deepcopy(fp)
+    convert(model, 2, 2)
+    abc_reference = copy.deepcopy(model)  # the same conversion, calibrated without the reference
+    calibrate(abc_reference, inputs, method=method)
+    calibrate(model, inputs, method=method, reference=fp)
+
+    fp_twin = copy.deepcopy(fp)
+    one_batch = [torch.cat(inputs)] if method == "one_pass" else inputs  # as each method re-estimates
+    calibrate_module.recalibrate_batchnorm(fp_twin, one_batch)
+    norms = [name for name, m in fp.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 21  # 19 + 2 downsample BatchNorms
+    for name in norms:
+        original, fp_now, abc_now, got = (m.get_submodule(name) for m in (fp, fp_twin, abc_reference, model))
+        torch.testing.assert_close(got.running_mean,
+                                   original.running_mean + abc_now.running_mean - fp_now.running_mean)
+        torch.testing.assert_close(got.running_var,
+                                   original.running_var * abc_now.running_var / fp_now.running_var)
+    for name, layer in abc_layers(model):  # the fits themselves are those of the plain calibration
+        torch.testing.assert_close(layer.activation_binarizer.shifts,
+                                   abc_reference.get_submodule(name).activation_binarizer.shifts)
+    for p, q in zip(fp.state_dict().values(), settled_resnet20().state_dict().values(), strict=True):
+        assert torch.equal(p, q)  # the reference is not changed
+
+
+def test_batchnorm_relative_keeps_an_unconverted_models_statistics():
+    """Nothing converted: the shift is zero, so the training-time statistics stay (re-estimating
+    them from scratch on four small batches replaces them)."""
+    fp = settled_resnet20()
+    replaced, kept = copy.deepcopy(fp), copy.deepcopy(fp)
+    calibrate(replaced, batches())
+    calibrate(kept, batches(), reference=fp)
+    bn = "layer2.1.bn1"
+    original = fp.get_submodule(bn).running_var
+    torch.testing.assert_close(kept.get_submodule(bn).running_var, original)
+    assert not torch.allclose(replaced.get_submodule(bn).running_var, original, rtol=1e-3)

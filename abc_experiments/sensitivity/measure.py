@@ -48,7 +48,7 @@ from ..checkpoints import CheckpointError, load_checkpoint, load_model_state
 from ..data import build_datasets, build_loaders
 from ..devices import resolve_device
 from ..models import build_model
-from ..nn import abc_layers, calibrate, recalibrate_batchnorm
+from ..nn import abc_layers, calibrate, correct_batchnorm_to_reference, recalibrate_batchnorm, running_stats
 from ..progress import Progress
 from ..results import RunSummary
 from ..runs import RunError, read_run
@@ -344,8 +344,10 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
     if channels_last:
         fp_model = fp_model.to(memory_format=torch.channels_last)
     inputs = [images.to(torch_device) for _, (images, _labels) in zip(range(batches), calib_loader)]
+    # runs from before batchnorm_relative re-estimated the statistics from scratch
+    relative = bool(abc.calibration.get("batchnorm_relative", False))
     calibration = dict(max_samples=int(abc.calibration.max_samples), batchnorm=bool(abc.calibration.batchnorm),
-                       seed=int(config.seed))
+                       seed=int(config.seed), reference=fp_model if relative else None)
 
     def calibrated(model: nn.Module) -> tuple[nn.Module, dict]:
         """``model`` calibrated as the run calibrates (nothing when no layer is converted)."""
@@ -396,6 +398,9 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
             elif inputs and calibration["batchnorm"]:
                 with _eval(all_but), torch.no_grad():
                     recalibrate_batchnorm(all_but, inputs)
+                    if calibration["reference"] is not None:  # as the run: relative to the FP statistics
+                        correct_batchnorm_to_reference(all_but, fp_model, inputs, running_stats(fp_model),
+                                                       one_batch=False)
             all_but_acc = accuracy(all_but, f"sensitivity: all but {name}")
         bar.update(1, model=f"all but {name}")
         layer = LayerSensitivity(
