@@ -16,6 +16,9 @@ batches, one after the other):
 
 ``--methods`` picks some of them (``loop_folded,one_pass,one_pass_bn``) and ``--scopes
 per_layer,per_channel`` compares one alpha set per layer (the paper) with one per output channel.
+``--batchnorm relative,replace`` compares the BatchNorm statistics corrected relative to the FP
+model's (the default) with statistics re-estimated from the calibration batches alone, and
+``--bases residual`` the greedy residual weight bases with the paper's shifted grid.
 ``--fp-checkpoint`` is a ResNet-20 state dict (bare or under ``"model"``, e.g. the pretrain cache
 of an ``experiment=cifar10_subset_resnet20`` run). Writes ``outputs/bench/bench_calibration.json``.
 Target (issue 17): calibration of ResNet-20 in at most 60 s on 2 cores.
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--batchnorm", default="relative,replace",
+                        help="comma-separated: relative (the default: FP statistics moved by the shift conversion "
+                             "causes) and/or replace (re-estimated from the calibration batches alone)")
     parser.add_argument("--bases", default="shifted", help="weight bases: shifted (the paper's grid) or residual")
     parser.add_argument("--scopes", default="per_layer",
                         help="comma-separated alpha scopes: per_layer (the paper), per_channel (one alpha set "
@@ -84,24 +90,26 @@ def main() -> None:
     rows = []
     print(f"FP test accuracy {fp_acc:.2f} % on {len(splits.test)} images; calibration on {args.batches} x "
           f"{args.batch_size} images, {args.threads} threads")
-    print(f"{'M':>2} {'N':>2}  {'scope':<11} {'calibration':<36} {'seconds':>8} {'test acc':>9} {'gap':>6} "
+    print(f"{'M':>2} {'N':>2}  {'scope':<11} {'BN':<8} {'calibration':<36} {'seconds':>8} {'test acc':>9} {'gap':>6} "
           f"{'logit err':>9}")
-    for pair, scope, (label, options) in itertools.product(args.configs.split(), scopes, methods):
+    for pair, scope, (label, options), batchnorm in itertools.product(args.configs.split(), scopes, methods,
+                                                                       args.batchnorm.split(",")):
         M, N = (int(v) for v in pair.split(","))
         net = copy.deepcopy(model)
         convert(net, M, N, scope=scope, bases=args.bases)
         started = time.perf_counter()
-        calibrate(net, batches, **options)
+        calibrate(net, batches, **options, reference=model if batchnorm == "relative" else None)
         seconds = time.perf_counter() - started
         if label.endswith("offset folded"):
             net.load_state_dict({key: torch.zeros_like(value) if key.endswith("input_offset") else value
                                  for key, value in net.state_dict().items()})
         acc, logits = evaluate(net)
         error = ((logits - fp_logits).norm() / fp_logits.norm()).item()
-        rows.append({"M": M, "N": N, "scope": scope, "bases": args.bases, "calibration": label, "seconds": seconds,
-                     "test_acc": acc, "gap": fp_acc - acc, "logit_error": error})
-        print(f"{M:>2} {N:>2}  {scope:<11} {label:<36} {seconds:>8.1f} {acc:>9.2f} {fp_acc - acc:>6.2f} {error:>9.3f}",
-              flush=True)
+        rows.append({"M": M, "N": N, "scope": scope, "bases": args.bases, "batchnorm": batchnorm,
+                     "calibration": label, "seconds": seconds, "test_acc": acc, "gap": fp_acc - acc,
+                     "logit_error": error})
+        print(f"{M:>2} {N:>2}  {scope:<11} {batchnorm:<8} {label:<36} {seconds:>8.1f} {acc:>9.2f} "
+              f"{fp_acc - acc:>6.2f} {error:>9.3f}", flush=True)
     load_after = os.getloadavg()
     print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other processes on the machine)")
     out = Path(args.out)
