@@ -163,3 +163,24 @@ def test_sensitivity_json_round_trip():
     data = result.to_dict()
     assert data["layers"][0]["only_drop"] == 1.0 and data["layers"][0]["all_but_gain"] == 1.0
     assert Sensitivity.from_dict(data) == result
+
+
+def test_a_run_of_an_unofficial_copy_reads_it_again(tmp_path):
+    """A run with data.verify=false (a subset or relabelled copy of CIFAR-10) is measured on the
+    same files: the run's data.verify reaches the loaders (it was dropped, and the MD5 check refused
+    the folder the run had trained on)."""
+    from fake_datasets import write_fake_cifar
+    from omegaconf import OmegaConf
+
+    from abc_experiments.sensitivity.measure import _loaders
+
+    write_fake_cifar(tmp_path, n_train=40, n_test=12)
+    config = OmegaConf.create({
+        "dataset": {"name": "cifar10"}, "seed": 0,
+        "data": {"root": str(tmp_path), "download": False, "val_fraction": 0.25, "num_workers": 0, "verify": False},
+        "finetune": {"batch_size": 8, "eval_batch_size": 8}})
+    splits, val, _ = _loaders(config, "cpu", None)
+    assert len(splits.train) + len(splits.val) == 40 and len(splits.test) == 12
+    config.data.verify = True
+    with pytest.raises(Exception, match="data.verify=false"):
+        _loaders(config, "cpu", None)

@@ -172,7 +172,8 @@ def load_fp_model(run_dir: str | Path, summary: RunSummary) -> tuple[nn.Module, 
 
 def _loaders(config, device: str, max_val_images: int | None):
     splits = build_datasets(str(config.dataset.name), root=str(Path(config.data.root).expanduser()),
-                            download=config.data.download, val_fraction=config.data.val_fraction, seed=config.seed)
+                            download=config.data.download, val_fraction=config.data.val_fraction, seed=config.seed,
+                            verify=bool(config.data.get("verify", True)))  # runs from before data.verify: true
     loaders = build_loaders(splits, batch_size=config.finetune.batch_size,
                             eval_batch_size=config.finetune.eval_batch_size, num_workers=config.data.num_workers,
                             device=device, seed=config.seed)
