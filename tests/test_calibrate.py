@@ -172,3 +172,13 @@ def test_batchnorm_relative_keeps_an_unconverted_models_statistics():
     original = fp.get_submodule(bn).running_var
     torch.testing.assert_close(kept.get_submodule(bn).running_var, original)
     assert not torch.allclose(replaced.get_submodule(bn).running_var, original, rtol=1e-3)
+
+
+def test_batchnorm_relative_refuses_a_reference_of_another_model():
+    """A reference whose BatchNorms are not the converted model's would leave statistics silently
+    uncorrected: refused, naming what differs."""
+    model = settled_resnet20()
+    convert(model, 2, 2)
+    other = build_model("vgg_small", 3, 16, 10).eval()
+    with pytest.raises(ValueError, match="not the converted model's"):
+        calibrate(model, batches(), reference=other)

@@ -3,7 +3,13 @@ calibration and a layer summary (Lin, Zhao & Pan, "Towards Accurate Binary Convo
 Network", NIPS 2017, arXiv 1711.11294). No Hydra here: the runner composes these pieces."""
 
 from .activations import ActivationBinarizer, fit_activation_bases, heaviside_bases
-from .calibrate import calibrate, correct_batchnorm_to_reference, recalibrate_batchnorm, running_stats
+from .calibrate import (
+    calibrate,
+    correct_batchnorm_to_reference,
+    recalibrate_batchnorm,
+    reference_statistics,
+    running_stats,
+)
 from .convert import (
     ConversionReport,
     LayerPrecisionError,
@@ -31,6 +37,6 @@ __all__ = [
     "LayerPrecisionError", "NothingToConvertError", "check_layer_precision", "plan_conversion",
     "ModelSummary", "WeightBinarizer", "abc_layers", "calibrate", "combine", "convert",
     "fit_activation_bases", "fit_alphas", "fit_alphas_adam", "heaviside_bases", "recalibrate_batchnorm",
-    "correct_batchnorm_to_reference", "running_stats",
+    "correct_batchnorm_to_reference", "reference_statistics", "running_stats",
     "residual_bases", "sign", "summary", "weight_bases", "weight_shifts",
 ]

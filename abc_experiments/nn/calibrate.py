@@ -97,12 +97,24 @@ def running_stats(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 @torch.no_grad()
-def correct_batchnorm_to_reference(model: nn.Module, reference: nn.Module, inputs: list[Tensor],
-                                   original: Mapping[str, tuple[Tensor, Tensor]], one_batch: bool) -> int:
+def reference_statistics(reference: nn.Module, inputs: list[Tensor],
+                         one_batch: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    """The BatchNorm statistics the FP ``reference`` re-estimates on ``inputs`` (on an untouched
+    copy of it), as one batch (the one-pass calibration) or batch by batch; by module name."""
+    twin = copy.deepcopy(reference).eval()
+    if one_batch and len(inputs) > 1:
+        inputs = [torch.cat(inputs)]
+    recalibrate_batchnorm(twin, inputs)
+    return running_stats(twin)
+
+
+@torch.no_grad()
+def correct_batchnorm_to_reference(model: nn.Module, original: Mapping[str, tuple[Tensor, Tensor]],
+                                   reference: Mapping[str, tuple[Tensor, Tensor]]) -> int:
     """Replace ``model``'s re-estimated BatchNorm statistics by a correction of its ``original``
     (training-time) ones: mean = original + (μ − μ_ref), var = original_var · σ² / σ²_ref, where
-    (μ, σ²) are what ``model`` re-estimated on ``inputs`` and (μ_ref, σ²_ref) what the FP
-    ``reference`` re-estimates on the same inputs, the same way (an untouched copy of it).
+    (μ, σ²) are what ``model`` re-estimated on the calibration inputs and (μ_ref, σ²_ref) what the
+    FP model re-estimates on the same inputs, the same way (:func:`reference_statistics`).
 
     Re-estimating the statistics from scratch on a few calibration batches replaces the running
     statistics the weights were trained with by those of a small, differently distributed sample
@@ -113,31 +125,26 @@ def correct_batchnorm_to_reference(model: nn.Module, reference: nn.Module, input
 
     Args:
         model: the converted, calibrated model (its BatchNorms hold the re-estimated statistics).
-        reference: the FP model it was converted from (not changed); its BatchNorms must have the
-            same module names.
-        inputs: the calibration batches ``model`` was re-estimated on.
         original: :func:`running_stats` of ``model`` before calibration (the FP model's).
-        one_batch: whether ``model`` was re-estimated on all inputs as one batch (the one-pass
-            calibration), else batch by batch.
+        reference: :func:`reference_statistics` of the FP model it was converted from.
 
     Returns:
         The number of BatchNorms corrected.
+
+    Raises:
+        ValueError: the three do not name the same BatchNorms (a reference of another model).
     """
-    twin = copy.deepcopy(reference).eval()
-    if one_batch:
-        inputs = [torch.cat(inputs)] if len(inputs) > 1 else inputs
-    recalibrate_batchnorm(twin, inputs)
-    measured = running_stats(twin)
-    corrected = 0
+    current = running_stats(model)
+    if not current.keys() == original.keys() == reference.keys():
+        differ = sorted(set(current) ^ set(reference) | set(current) ^ set(original))
+        raise ValueError(f"correct_batchnorm_to_reference: the reference model's BatchNorms are not the converted "
+                         f"model's (differing: {', '.join(differ[:5])}): pass the FP model it was converted from")
     for name, module in model.named_modules():
-        if name not in original or name not in measured:
-            continue
-        mean0, var0 = original[name]
-        mean_ref, var_ref = measured[name]
-        module.running_mean.copy_(mean0 + (module.running_mean - mean_ref))
-        module.running_var.copy_(var0 * module.running_var / var_ref.clamp_min(torch.finfo(var_ref.dtype).tiny))
-        corrected += 1
-    return corrected
+        if name in current:
+            (mean0, var0), (mean_ref, var_ref) = original[name], reference[name]
+            module.running_mean.copy_(mean0 + (module.running_mean - mean_ref))
+            module.running_var.copy_(var0 * module.running_var / var_ref.clamp_min(torch.finfo(var_ref.dtype).tiny))
+    return len(current)
 
 
 ONE_PASS_INPUT_BYTES = 256 << 20
@@ -294,8 +301,8 @@ def calibrate(
         else:
             errors = _layerwise(model, layers, inputs, **options)
         if original is not None:
-            correct_batchnorm_to_reference(model, reference, inputs, original,
-                                           one_batch=method == "one_pass" and batchnorm_in_pass)
+            one_batch = method == "one_pass" and batchnorm_in_pass
+            correct_batchnorm_to_reference(model, original, reference_statistics(reference, inputs, one_batch))
         return errors
     finally:
         model.train(was_training)

@@ -48,7 +48,14 @@ from ..checkpoints import CheckpointError, load_checkpoint, load_model_state
 from ..data import build_datasets, build_loaders
 from ..devices import resolve_device
 from ..models import build_model
-from ..nn import abc_layers, calibrate, correct_batchnorm_to_reference, recalibrate_batchnorm, running_stats
+from ..nn import (
+    abc_layers,
+    calibrate,
+    correct_batchnorm_to_reference,
+    recalibrate_batchnorm,
+    reference_statistics,
+    running_stats,
+)
 from ..progress import Progress
 from ..results import RunSummary
 from ..runs import RunError, read_run
@@ -350,6 +357,11 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
     calibration = dict(max_samples=int(abc.calibration.max_samples), batchnorm=bool(abc.calibration.batchnorm),
                        seed=int(config.seed), reference=fp_model if relative else None)
 
+    # the FP model's own statistics and those it re-estimates batch by batch: the same for every
+    # "all but this layer" model, so measured once
+    fp_statistics = (running_stats(fp_model), reference_statistics(fp_model, inputs, one_batch=False)) \
+        if relative and inputs and calibration["batchnorm"] else None
+
     def calibrated(model: nn.Module) -> tuple[nn.Module, dict]:
         """``model`` calibrated as the run calibrates (nothing when no layer is converted)."""
         if not inputs or not abc_layers(model):
@@ -399,9 +411,8 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
             elif inputs and calibration["batchnorm"]:
                 with _eval(all_but), torch.no_grad():
                     recalibrate_batchnorm(all_but, inputs)
-                    if calibration["reference"] is not None:  # as the run: relative to the FP statistics
-                        correct_batchnorm_to_reference(all_but, fp_model, inputs, running_stats(fp_model),
-                                                       one_batch=False)
+                    if fp_statistics is not None:  # as the run: relative to the FP statistics
+                        correct_batchnorm_to_reference(all_but, *fp_statistics)
             all_but_acc = accuracy(all_but, f"sensitivity: all but {name}")
         bar.update(1, model=f"all but {name}")
         layer = LayerSensitivity(
