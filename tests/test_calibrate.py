@@ -39,7 +39,7 @@ def output_error(model, reference, x):
         return ((model(x) - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("M,N", [(3, 3), (1, 1)])
+@pytest.mark.parametrize("M,N", [pytest.param(3, 3, marks=pytest.mark.slow), (1, 1)])
 def test_one_pass_calibration_is_as_good_as_the_layerwise_loop(M, N):
     """Without re-estimating the BatchNorms in the pass, the one pass fits each layer on the same
     inputs as the loop it replaces (time growing with depth squared): with every input value used
@@ -111,7 +111,7 @@ def test_unknown_method_is_refused():
         calibrate(model, batches(1, 2, image_size=8), method="fast")
 
 
-@pytest.mark.parametrize("M,N", [(3, 3), (1, 1)])
+@pytest.mark.parametrize("M,N", [pytest.param(3, 3, marks=pytest.mark.slow), (1, 1)])
 def test_the_exact_input_offset_brings_the_model_closer_than_folding_it_into_the_bias(M, N):
     """Calibration's input offset c corrected exactly at zero-padded borders, against the state a
     checkpoint from before that correction loads into (c·ΣŴ folded into the bias only, offset 0):
@@ -130,7 +130,7 @@ def test_the_exact_input_offset_brings_the_model_closer_than_folding_it_into_the
     assert exact < 0.9 * output_error(model, original, x)
 
 
-@pytest.mark.parametrize("method", ["one_pass", "layerwise"])
+@pytest.mark.parametrize("method", ["one_pass", pytest.param("layerwise", marks=pytest.mark.slow)])
 def test_batchnorm_relative_to_the_fp_model(method):
     """With the FP model as reference, each BatchNorm ends at its training-time statistics moved by
     the shift conversion causes on the calibration batches: mean0 + (mu_abc - mu_fp), var0 * var_abc

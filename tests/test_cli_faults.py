@@ -146,6 +146,7 @@ def test_closest_key(typed, meant):
     assert closest_key("nosuch.key", schema_keys()) is None
 
 
+@pytest.mark.slow  # a subprocess abc-run; test_unknown_override_key_checks_value_keys_only covers the check
 def test_abc_run_refuses_an_unknown_key_in_one_line(tmp_path):
     """Even with the + that Hydra's own message suggests; ``abc.m=3`` takes the same path (below)."""
     result = run_cli(["+abc.m=3", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)

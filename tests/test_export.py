@@ -57,7 +57,7 @@ def test_torch_export_with_a_dynamic_batch(name, N):
             assert_close(exported(x), model(x))
 
 
-@pytest.mark.parametrize("name,N", CASES)
+@pytest.mark.parametrize("name,N", [CASES[0], pytest.param(*CASES[1], marks=pytest.mark.slow), CASES[2]])
 @RunIf(onnx=True)
 def test_onnx_dynamo_export_runs_in_onnxruntime(name, N, tmp_path):
     import onnxruntime
