@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

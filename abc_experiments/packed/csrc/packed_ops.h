@@ -68,6 +68,14 @@ struct TapArgs {
   uint64_t* out;
 };
 
+// The operand layout of the packed format, which a kernel policy uses as it is (see
+// cpu/kernel_body.h: kAw u64 per activation word, kWw per word of 8 output channels).
+struct PackedLayout {
+  static constexpr int64_t kAw = 1, kWw = 8;
+  struct Operands {};
+  static inline ConvArgs layout(const ConvArgs& a, Operands&) { return a; }
+};
+
 void pack_nchw(Isa isa, const PackArgs& args);
 void concat_taps(const TapArgs& args);
 void pack_rows(Isa isa, const RowPackArgs& args);

@@ -4,8 +4,13 @@
 // in the policy's handful of vector operations; see vec_*.h). No include guard on purpose.
 //
 // The policy V provides:
-//   Wv load_w(const uint64_t* p)          the same word of 8 output channels (8 consecutive u64)
-//   Av bcast(uint64_t a)                  one activation word, broadcast
+//   kAw, kWw                              u64 per activation word and per word of 8 output
+//                                         channels in the policy's operand layout (1 and 8 as
+//                                         packed; AVX2 splits every word into its nibbles: 2, 16)
+//   ConvArgs layout(const ConvArgs&, Operands&)   the arguments with xp and wk in that layout
+//                                         (the identity for the packed layout; Operands owns copies)
+//   Wv load_w(const uint64_t* p)          the same word of 8 output channels (kWw consecutive u64)
+//   Av bcast(const uint64_t* p)           one activation word (kAw consecutive u64), broadcast
 //   Cv czero(); void step(Cv&, Wv, Av)    8 popcount counters; counter += popcount(w ^ a) per lane
 //   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 31)
 //   void spill(uint64_t* total, Cv&)      total[l] += counter[l], counters to 0 (every kSpan steps)
@@ -113,8 +118,8 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 32
       for (int nn = 0; nn < NN; ++nn) acc[cb][p][nn] = V::czero();
-  const int64_t Wc = a.Wc, NW = a.N * Wc;
-  const int64_t wblock = a.kh * a.kw * Wc * 8;  // between consecutive blocks of 8 output channels
+  const int64_t Wc = a.Wc, NW = a.N * Wc * V::kAw;  // NW: u64 per activation pixel
+  const int64_t wblock = a.kh * a.kw * Wc * V::kWw;  // between consecutive blocks of 8 output channels
   const uint64_t* wbase = a.wk + (m * a.COB + cob) * wblock;
   int64_t ix[P];
 #pragma GCC unroll 32
@@ -126,21 +131,21 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
   if (spilled) std::memset(total, 0, sizeof total);
   int64_t left = V::kSpan;
   for (int64_t ky = 0; ky < a.kh; ++ky) {
-    const uint64_t* row = a.xp + ((b * a.Hp + oy * a.sh + ky * a.dh) * a.Wp) * NW + n0 * Wc;
+    const uint64_t* row = a.xp + ((b * a.Hp + oy * a.sh + ky * a.dh) * a.Wp) * NW + n0 * Wc * V::kAw;
     for (int64_t kx = 0; kx < a.kw; ++kx) {
       const uint64_t* ap[P];
 #pragma GCC unroll 32
       for (int p = 0; p < P; ++p) ap[p] = row + (ix[p] + kx * a.dw) * NW;
-      const uint64_t* wp = wbase + (ky * a.kw + kx) * Wc * 8;
+      const uint64_t* wp = wbase + (ky * a.kw + kx) * Wc * V::kWw;
       for (int64_t wc = 0; wc < Wc; ++wc) {
         typename V::Wv w[CB];
 #pragma GCC unroll 32
-        for (int cb = 0; cb < CB; ++cb) w[cb] = V::load_w(wp + cb * wblock + wc * 8);
+        for (int cb = 0; cb < CB; ++cb) w[cb] = V::load_w(wp + cb * wblock + wc * V::kWw);
 #pragma GCC unroll 32
         for (int p = 0; p < P; ++p)
 #pragma GCC unroll 32
           for (int nn = 0; nn < NN; ++nn) {
-            const typename V::Av av = V::bcast(ap[p][nn * Wc + wc]);
+            const typename V::Av av = V::bcast(ap[p] + (nn * Wc + wc) * V::kAw);
 #pragma GCC unroll 32
             for (int cb = 0; cb < CB; ++cb) V::step(acc[cb][p][nn], w[cb], av);
           }
@@ -242,7 +247,9 @@ static void conv_run(const ConvArgs& a) {
   at::parallel_for(0, rows * ncog, 1, [&](int64_t t0, int64_t t1) { conv_tasks<NNMAX>(a, ncog, t0, t1); });
 }
 
-static void conv_impl(const ConvArgs& a) {
+static void conv_impl(const ConvArgs& args) {
+  typename V::Operands operands;
+  const ConvArgs a = V::layout(args, operands);
   switch (a.N < 5 ? a.N : 5) {
     case 1: return conv_run<1>(a);
     case 2: return conv_run<2>(a);

@@ -7,7 +7,7 @@ struct V : AvxCommon {
   using Av = __m512i;
   using Cv = __m512i;
   static inline Wv load_w(const uint64_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
-  static inline Av bcast(uint64_t x) { return _mm512_set1_epi64(static_cast<long long>(x)); }
+  static inline Av bcast(const uint64_t* p) { return _mm512_set1_epi64(static_cast<long long>(*p)); }
   static inline Cv czero() { return _mm512_setzero_si512(); }
   static inline void step(Cv& acc, const Wv& w, const Av& a) {
     acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(w, a)));

@@ -1,7 +1,7 @@
 // Portable policy: plain C++ on arrays of 8 lanes (the compiler may vectorise it); the reference
 // for the loop structure the AVX paths share. No include guard on purpose.
 
-struct V {
+struct V : PackedLayout {
   struct Wv { uint64_t v[8]; };
   using Av = uint64_t;
   struct Cv { uint64_t v[8]; };
@@ -10,7 +10,7 @@ struct V {
     for (int l = 0; l < 8; ++l) w.v[l] = p[l];
     return w;
   }
-  static inline Av bcast(uint64_t x) { return x; }
+  static inline Av bcast(const uint64_t* p) { return *p; }
   static inline Cv czero() { return Cv{{0, 0, 0, 0, 0, 0, 0, 0}}; }
   static inline uint64_t popcount64(uint64_t x) {  // SWAR: no popcnt instruction needed
     x = x - ((x >> 1) & 0x5555555555555555ULL);

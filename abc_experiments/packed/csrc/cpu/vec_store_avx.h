@@ -100,7 +100,7 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
 
 // What the AVX2 and AVX-512 policies share: binarizing 8 inputs against a threshold, and the
 // vectorised tile store. Each policy's struct V derives from this.
-struct AvxCommon {
+struct AvxCommon : PackedLayout {
   static inline uint32_t cmp8(const float* x, float v) {
     const __m256 s = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_set1_ps(v));
     return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(0.5f), _CMP_GE_OQ)));
