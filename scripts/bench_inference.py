@@ -130,6 +130,7 @@ def layer_breakdown(isa, repeats) -> dict:
     x, tiny = torch.relu(torch.randn(1, cin, size, size)), torch.relu(torch.randn(1, cin, 1, 1))
     x1, tiny1 = torch.relu(torch.randn(1, 1, size, size)), torch.relu(torch.randn(1, 1, 1, 1))
     code = P._ext.ISA_CODES[isa]
+    P._ext.extension_available()  # loads (builds) the operators before any is looked up
     pack = torch.ops.abc_packed.pack_nchw
     torch.set_num_threads(1)
     P.set_isa(isa)

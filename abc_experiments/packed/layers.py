@@ -321,6 +321,8 @@ class PackedABCConv2d(PackedABCLayer):
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
         self._calls: dict[tuple[int, int, str], tuple] = {}  # _operator_args, per input size and path
+        # (input shape, path) -> _operator_args, for float32 CPU input shapes that passed every check
+        self._checked: dict[tuple[torch.Size, str], tuple] = {}
         reasons = []
         if self.groups != 1:
             reasons.append(f"groups = {self.groups}")
@@ -486,6 +488,12 @@ class PackedABCConv2d(PackedABCLayer):
         Raises:
             ValueError: an input of the wrong rank, channel count, spatial size, dtype or device
                 (see the module docstring); float16, bfloat16 and float64 are computed in float32."""
+        if residual is None and type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu:
+            # an input shape that passed every check before on this path (at batch 1 the checks and
+            # argument building in Python cost as much as a small layer's binary loop)
+            checked = self._checked.get((x.shape, _ext.get_isa()))
+            if checked is not None:
+                return checked[0](x if x.is_contiguous() else x.contiguous(), *checked[1], self.relu, None)
         self._check_input(x)
         if x.dtype != torch.float32:
             if isinstance(residual, Tensor) and residual.is_floating_point():
@@ -501,6 +509,10 @@ class PackedABCConv2d(PackedABCLayer):
             return self.reference_forward(x, residual)  # adds a non-tensor "residual" (a number) as the graph did
         op, args = self._operator_args(x.shape[2], x.shape[3], isa)
         if residual is None:
+            if x.is_cpu:  # (a CPU input of a checked shape: forward's fast path next time)
+                if len(self._checked) >= 16:
+                    self._checked.clear()
+                self._checked[(x.shape, isa)] = (op, args)
             return op(x.contiguous(), *args, self.relu, None)
         if residual.shape != (x.shape[0], *args[2].shape):  # a broadcast addition
             out = op(x.contiguous(), *args, False, None) + residual
@@ -527,6 +539,7 @@ class PackedABCConv2d(PackedABCLayer):
         # .to() / .cpu(), load_state_dict and a new fold replace the tensors the cached arguments hold
         self._bterms.clear()
         self._calls.clear()
+        self._checked.clear()
         super()._clear_caches()
 
     def extra_repr(self) -> str:
