@@ -14,7 +14,8 @@
 //   Cv czero(); void step(Cv&, Wv, Av)    8 popcount counters; counter += popcount(w ^ a) per lane
 //   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 31)
 //   void spill(uint64_t* total, Cv&)      total[l] += counter[l], counters to 0 (every kSpan steps)
-//   void fold(float* t, const float* c, const Cv&, float h)   t[l] += c[l] * (counter[l] - h), l < 8
+//   void fold(float* t, const float* c, const Cv&, float h, bool first)
+//                                         t[l] = fma(c[l], counter[l] - h, first ? 0 : t[l]), l < 8
 //   uint32_t cmp8(const float* x, float v)           bit i = (x[i] + v >= 0.5f), i < 8
 //   bool store8x8(...)                    optional fast transposed store (see below)
 //   template <int NN> struct Cfg { CB, P }   register blocking: CB blocks of 8 output channels
@@ -108,9 +109,11 @@ __attribute__((always_inline)) static inline void spill_all(uint64_t (&total)[CB
 // One register tile: CB blocks of 8 output channels x P output positions x NN activation planes,
 // for one weight basis m; one pass over the receptive field, all CB*P*NN popcount counters in
 // registers, then folded into the float tile with -2 alpha_m beta_n.
+// `first`: the tile's first (m, n0): the folds write the tile instead of adding to it (a tile
+// zeroed first gives the same bits: fma(c, x, +0), as here).
 template <int CB, int P, int NN>
 static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t cob, int64_t m,
-                         int64_t n0, float* tile, int64_t tile_stride) {
+                         int64_t n0, float* tile, int64_t tile_stride, bool first) {
   typename V::Cv acc[CB][P][NN];
 #pragma GCC unroll 32
   for (int cb = 0; cb < CB; ++cb)
@@ -165,22 +168,23 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
       for (int nn = 0; nn < NN; ++nn) {
         float* t = tile + p * tile_stride + cb * 8;
         const float* c = a.coef + ((m * a.N + n0 + nn) * a.COB + cob + cb) * 8;
+        const bool write = first && nn == 0;
         if (!spilled) {
-          V::fold(t, c, acc[cb][p][nn], a.half_k);
+          V::fold(t, c, acc[cb][p][nn], a.half_k, write);
         } else {
           for (int l = 0; l < 8; ++l)  // fused, as V::fold: the same bits on every path
-            t[l] = std::fma(c[l], static_cast<float>(total[cb][p][nn][l]) - a.half_k, t[l]);
+            t[l] = std::fma(c[l], static_cast<float>(total[cb][p][nn][l]) - a.half_k, write ? 0.f : t[l]);
         }
       }
 }
 
 template <int CB, int P, int NNMAX>
 static inline void micro_planes(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t cob, int64_t m,
-                                int64_t n0, int64_t nn, float* tile, int64_t tile_stride) {
+                                int64_t n0, int64_t nn, float* tile, int64_t tile_stride, bool first) {
   if constexpr (NNMAX > 1) {
-    if (nn < NNMAX) return micro_planes<CB, P, NNMAX - 1>(a, b, oy, ox0, cob, m, n0, nn, tile, tile_stride);
+    if (nn < NNMAX) return micro_planes<CB, P, NNMAX - 1>(a, b, oy, ox0, cob, m, n0, nn, tile, tile_stride, first);
   }
-  micro<CB, P, NNMAX>(a, b, oy, ox0, cob, m, n0, tile, tile_stride);
+  micro<CB, P, NNMAX>(a, b, oy, ox0, cob, m, n0, tile, tile_stride, first);
 }
 
 // tile (P positions x cbn*8 channels, position-major) + bterm -> out
@@ -216,14 +220,14 @@ static void conv_tasks(const ConvArgs& args, int64_t ncog, int64_t t0, int64_t t
       for (int64_t cob = cb_lo; cob < cb_hi;) {
         const int64_t cbn = cb_hi - cob >= CB ? CB : 1;
         const int64_t stride = cbn * 8;
-        for (int i = 0; i < P * CB * 8; ++i) tile[i] = 0.f;
         for (int64_t m = 0; m < a.M; ++m) {
           for (int64_t n0 = 0; n0 < a.N; n0 += NNMAX) {
             const int64_t nn = a.N - n0 < NNMAX ? a.N - n0 : NNMAX;
+            const bool first = m == 0 && n0 == 0;
             if (cbn == CB)
-              micro_planes<CB, P, NNMAX>(a, b, oy, ox0, cob, m, n0, nn, tile, stride);
+              micro_planes<CB, P, NNMAX>(a, b, oy, ox0, cob, m, n0, nn, tile, stride, first);
             else
-              micro_planes<1, P, NNMAX>(a, b, oy, ox0, cob, m, n0, nn, tile, stride);
+              micro_planes<1, P, NNMAX>(a, b, oy, ox0, cob, m, n0, nn, tile, stride, first);
           }
         }
         store_tile(a, b, oy, ox0, cob, cbn, P, tile);

@@ -68,14 +68,14 @@ struct V : AvxCommon {
     _mm256_storeu_si256(t + 1, _mm256_add_epi64(_mm256_loadu_si256(t + 1), sums64(acc.hi)));
     acc = czero();
   }
-  static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
+  static inline void fold(float* t, const float* c, const Cv& acc, float half_k, bool first) {
     // the counts are < 256 * 8: keep the low 32 bits of each 64-bit lane
     const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
     const __m128i lo = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(sums64(acc.lo), even));
     const __m128i hi = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(sums64(acc.hi), even));
     const __m256 counts = _mm256_sub_ps(
         _mm256_cvtepi32_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)), _mm256_set1_ps(half_k));
-    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, _mm256_loadu_ps(t)));
+    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, first ? _mm256_setzero_ps() : _mm256_loadu_ps(t)));
   }
   // 16 ymm registers: each counter takes two, each broadcast word two, plus the lookup table; the
   // weights are read from L1 as memory operands of the xors.

@@ -18,9 +18,9 @@ struct V : AvxCommon {
                         _mm512_add_epi64(_mm512_loadu_si512(static_cast<const void*>(total)), acc));
     acc = czero();
   }
-  static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
+  static inline void fold(float* t, const float* c, const Cv& acc, float half_k, bool first) {
     const __m256 counts = _mm256_sub_ps(_mm512_cvtepu64_ps(acc), _mm256_set1_ps(half_k));
-    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, _mm256_loadu_ps(t)));
+    _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, first ? _mm256_setzero_ps() : _mm256_loadu_ps(t)));
   }
   // 32 zmm registers: 16-24 counters, the weights and a broadcast.
   template <int NN> struct Cfg;

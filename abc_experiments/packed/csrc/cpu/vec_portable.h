@@ -26,9 +26,9 @@ struct V : PackedLayout {
     for (int l = 0; l < 8; ++l) total[l] += acc.v[l];
     acc = czero();
   }
-  static inline void fold(float* t, const float* c, const Cv& acc, float half_k) {
+  static inline void fold(float* t, const float* c, const Cv& acc, float half_k, bool first) {
     // a fused multiply-add, rounded once as the AVX paths' vfmadd: every path gives the same bits
-    for (int l = 0; l < 8; ++l) t[l] = std::fma(c[l], static_cast<float>(acc.v[l]) - half_k, t[l]);
+    for (int l = 0; l < 8; ++l) t[l] = std::fma(c[l], static_cast<float>(acc.v[l]) - half_k, first ? 0.f : t[l]);
   }
   static inline uint32_t cmp8(const float* x, float v) {
     uint32_t bits = 0;
