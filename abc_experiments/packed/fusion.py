@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _ext
-from .layers import PackedABCConv2d, PackedABCLayer
+from .layers import CACHE_ENTRIES, PackedABCConv2d, PackedABCLayer
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class PackedConvChain(nn.Module):
             shapes.append(out_shape)
         else:
             program = (tensors, ints, _ext.ISA_CODES[isa])
-        if len(self._programs) >= 16:
+        if len(self._programs) >= CACHE_ENTRIES:
             self._programs.clear()
         self._programs[key] = program
         return program

@@ -45,6 +45,10 @@ from ..nn.weights import combine
 from . import _ext
 from ._bits import pack_bits, pack_words, unpack_bits
 
+# What a packed layer remembers per input size and path (border terms, operator arguments, checked
+# shapes; a chain its programs): at most this many entries each, then forgotten and rebuilt.
+CACHE_ENTRIES = 16
+
 log = logging.getLogger(__name__)
 
 
@@ -405,7 +409,7 @@ class PackedABCConv2d(PackedABCLayer):
                 term = term + self.bias.double().view(-1, 1, 1)
             if self.post_scale is not None:
                 term = term * self.post_scale.view(-1, 1, 1) + self.post_shift.view(-1, 1, 1)
-            if len(self._bterms) >= 16:
+            if len(self._bterms) >= CACHE_ENTRIES:
                 self._bterms.clear()
             self._bterms[key] = term.float().contiguous()
         return self._bterms[key]
@@ -510,7 +514,7 @@ class PackedABCConv2d(PackedABCLayer):
         op, args = self._operator_args(x.shape[2], x.shape[3], isa)
         if residual is None:
             if x.is_cpu:  # (a CPU input of a checked shape: forward's fast path next time)
-                if len(self._checked) >= 16:
+                if len(self._checked) >= CACHE_ENTRIES:
                     self._checked.clear()
                 self._checked[(x.shape, isa)] = (op, args)
             return op(x.contiguous(), *args, self.relu, None)
@@ -530,7 +534,7 @@ class PackedABCConv2d(PackedABCLayer):
                     (self._wk, self._coef, self.border_term(H, W), self.shifts, self.out_channels,
                      list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                      self.K / 2, _ext.ISA_CODES[isa]))
-            if len(self._calls) >= 16:
+            if len(self._calls) >= CACHE_ENTRIES:
                 self._calls.clear()
             self._calls[key] = args
         return args

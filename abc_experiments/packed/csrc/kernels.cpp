@@ -78,7 +78,7 @@ int cpu_features() {
 // convolution's Wr popcounts per output channel.
 void concat_taps(const TapArgs& a) {
   if (a.Wc == 1 && a.Wr <= 2) {  // up to 64 channels, a kernel row in at most 128 bits: the common case
-    at::parallel_for(0, a.rows, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, a.rows, kTapRowsGrain, [&](int64_t r0, int64_t r1) {
       const int64_t step = a.dw * a.N;
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t n = 0; n < a.N; ++n) {
@@ -94,7 +94,7 @@ void concat_taps(const TapArgs& a) {
     });
     return;
   }
-  at::parallel_for(0, a.rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, a.rows, kTapRowsGrain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t x = 0; x < a.Wq; ++x)
         for (int64_t n = 0; n < a.N; ++n) {

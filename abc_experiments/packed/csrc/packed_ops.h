@@ -76,6 +76,17 @@ struct PackedLayout {
   static inline ConvArgs layout(const ConvArgs& a, Operands&) { return a; }
 };
 
+// How the kernels split their work over torch's threads (at::parallel_for grains: the fewest items
+// one task takes), in one place.
+constexpr int64_t kTapRowsGrain = 16;        // concat_taps: padded pixel rows per task
+constexpr int64_t kPackRowsGrain = 1;        // pack_nchw: image rows (B * H) per task
+constexpr int64_t kRowPackWideGrain = 1;     // pack_rows: rows per task when a row has >= kRowPackWide bits
+constexpr int64_t kRowPackNarrowGrain = 64;  // ... and when it has fewer
+constexpr int64_t kRowPackWide = 4096;       // (F * N bits per row)
+constexpr int64_t kConvTasksPerThread = 4;   // conv: with fewer output rows than this many per thread,
+                                             // the output channels are split into groups too
+constexpr int64_t kSplitGrain = 4096;        // AVX2 nibble split: activation words per task
+
 void pack_nchw(Isa isa, const PackArgs& args);
 void concat_taps(const TapArgs& args);
 void pack_rows(Isa isa, const RowPackArgs& args);

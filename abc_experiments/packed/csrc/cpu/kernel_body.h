@@ -67,7 +67,7 @@ static void pack_nchw_rows(const PackArgs& a, int64_t r0, int64_t r1) {
 }
 
 static void pack_nchw_impl(const PackArgs& a) {
-  at::parallel_for(0, a.B * a.H, 1, [&](int64_t r0, int64_t r1) { pack_nchw_rows(a, r0, r1); });
+  at::parallel_for(0, a.B * a.H, kPackRowsGrain, [&](int64_t r0, int64_t r1) { pack_nchw_rows(a, r0, r1); });
 }
 
 // ---- binarize-and-pack, row-major (R, F) input (channels already contiguous: no transpose) ----
@@ -89,7 +89,7 @@ static void pack_rows_range(const RowPackArgs& a, int64_t r0, int64_t r1) {
 }
 
 static void pack_rows_impl(const RowPackArgs& a) {
-  const int64_t grain = a.F * a.N >= 4096 ? 1 : 64;
+  const int64_t grain = a.F * a.N >= kRowPackWide ? kRowPackWideGrain : kRowPackNarrowGrain;
   at::parallel_for(0, a.R, grain, [&](int64_t r0, int64_t r1) { pack_rows_range(a, r0, r1); });
 }
 
@@ -244,8 +244,8 @@ static void conv_run(const ConvArgs& a) {
   // there are too few rows to keep every thread busy (linear layers, small maps).
   const int64_t rows = a.B * a.OH, threads = at::get_num_threads();
   int64_t ncog = 1;
-  if (rows < 4 * threads) {
-    const int64_t want = (4 * threads + rows - 1) / rows, most = (a.COB + CB - 1) / CB;
+  if (rows < kConvTasksPerThread * threads) {
+    const int64_t want = (kConvTasksPerThread * threads + rows - 1) / rows, most = (a.COB + CB - 1) / CB;
     ncog = want < most ? want : most;
   }
   at::parallel_for(0, rows * ncog, 1, [&](int64_t t0, int64_t t1) { conv_tasks<NNMAX>(a, ncog, t0, t1); });

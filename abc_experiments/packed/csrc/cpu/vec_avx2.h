@@ -19,7 +19,6 @@ struct V : AvxCommon {
   static constexpr int64_t kSpan = 31;  // a byte gains at most 4 + 4 per step: 31 * 8 = 248 < 256
 
   static constexpr uint64_t kNibbles = 0x0F0F0F0F0F0F0F0FULL;
-  static constexpr int64_t kSplitGrain = 4096;  // activation words per parallel task of the split
   struct Operands { std::unique_ptr<uint64_t[]> xp, wk; };  // not zero-filled: every word is written
   // xp (B, Hp, Wp, N, Wc) -> (..., Wc, 2): [lo, hi] per word; wk (M, COB, kh, kw, Wc, 8) ->
   // (..., Wc, 2, 8): the 8 channels' lo nibbles, then their hi nibbles.
