@@ -129,8 +129,8 @@ def layer_breakdown(isa, repeats) -> dict:
     store_only = P.PackedABCConv2d.from_abc(ABCConv2d.from_conv(nn.Conv2d(1, cout, 1, bias=False), 1, 1).eval())
     x, tiny = torch.relu(torch.randn(1, cin, size, size)), torch.relu(torch.randn(1, cin, 1, 1))
     x1, tiny1 = torch.relu(torch.randn(1, 1, size, size)), torch.relu(torch.randn(1, 1, 1, 1))
-    code = P._ext.ISA_CODES[isa]
     P._ext.extension_available()  # loads (builds) the operators before any is looked up
+    code = P._ext.ISA_CODES[isa]
     pack = torch.ops.abc_packed.pack_nchw
     torch.set_num_threads(1)
     P.set_isa(isa)

@@ -473,6 +473,17 @@ def test_corrupt_or_foreign_files_raise(tmp_path, models):
             P.load_packed(path)
 
 
+@RunIf(packed_kernels=True)
+def test_the_isa_codes_are_the_kernels_own_list():
+    from abc_experiments.packed import _ext
+
+    names = torch.ops.abc_packed.isa_names()
+    assert _ext.ISA_CODES == {name: code for code, name in enumerate(names)}
+    assert set(names) == set(_ext.ISAS + _ext.TEST_ISAS) - {"reference"}
+    with pytest.raises(RuntimeError, match=f"unknown isa code {len(names)}"):
+        torch.ops.abc_packed.pack_nchw(torch.zeros(1, 1, 1, 1), torch.zeros(1), 0, 0, len(names))
+
+
 def test_isa_selection(monkeypatch):
     monkeypatch.setenv(P.ENV_VAR, "reference")
     assert P.get_isa() == "reference"

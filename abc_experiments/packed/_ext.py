@@ -27,7 +27,8 @@ ISAS = ("avx512", "avx2", "portable", "reference")
 # The AVX-512 code with its AVX-512 intrinsics emulated in plain C++ on an AVX2 CPU: for tests of
 # that code on machines without AVX-512 (slow; never chosen by "auto", only by name).
 TEST_ISAS = ("avx512_emulated",)
-ISA_CODES = {"portable": 0, "avx2": 1, "avx512": 2, "avx512_emulated": 3}
+# native path -> the operators' isa code; filled from the C++ list (isa_names()) when the extension loads
+ISA_CODES: dict[str, int] = {}
 ENV_VAR = "ABC_PACKED_ISA"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("register.cpp", "kernels.cpp")
@@ -59,10 +60,18 @@ def _load() -> None:
 
 def extension_available() -> bool:
     """Load (building if needed) the C++ kernels once; False, with one warning, if that fails."""
-    return load_once(_state, _lock, lambda: (_load(), torch.ops.abc_packed.cpu_features()),
+    return load_once(_state, _lock, lambda: (_load(), torch.ops.abc_packed.cpu_features(), _read_isa_codes()),
                      "abc_experiments.packed: the C++ kernels",
                      "using the pure-torch reference path, which gives the same results but is much slower "
                      "(set ABC_PACKED_ISA=reference to silence this warning)", PackedKernelWarning)
+
+
+def _read_isa_codes() -> None:
+    names = torch.ops.abc_packed.isa_names()
+    unknown = set(names) - set(ISAS + TEST_ISAS)
+    if unknown:
+        raise RuntimeError(f"the packed kernels name paths this module does not know: {sorted(unknown)}")
+    ISA_CODES.update({name: code for code, name in enumerate(names)})
 
 
 def extension_error() -> Exception | None:

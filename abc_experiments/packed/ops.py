@@ -13,8 +13,9 @@ from . import _ext
 
 def _isa_code(isa: str | None) -> int:
     name = _ext.get_isa() if isa is None else isa
-    if name not in _ext.ISA_CODES:
-        raise ValueError(f"the C++ operators run the native paths {', '.join(_ext.ISA_CODES)}, not {name!r}")
+    native = tuple(path for path in _ext.ISAS + _ext.TEST_ISAS if path != "reference")
+    if name not in native:
+        raise ValueError(f"the C++ operators run the native paths {', '.join(native)}, not {name!r}")
     if not _ext.extension_available():
         raise RuntimeError(f"the packed ABC C++ extension is unavailable: {_ext.extension_error()}")
     if name not in _ext.runnable_isas():

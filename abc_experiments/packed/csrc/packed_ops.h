@@ -13,6 +13,10 @@ namespace abc_packed {
 
 // kAvx512Emulated: the AVX-512 code with its AVX-512 intrinsics emulated on AVX2 (tests only).
 enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Emulated = 3 };
+// The paths' names, indexed by code: the one list of them (Python reads it through the operator
+// isa_names() to build abc_experiments.packed._ext.ISA_CODES).
+inline constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_emulated"};
+inline constexpr int64_t kIsaCount = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
 
 // Which ISAs this CPU (and OS) can run: bit 0 AVX2, bit 1 AVX-512 F/BW/DQ/VL + VPOPCNTDQ.
 int cpu_features();

@@ -11,6 +11,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <iterator>
+#include <string>
 #include <vector>
 
 #include "packed_ops.h"
@@ -19,8 +21,8 @@ namespace abc_packed {
 namespace {
 
 Isa checked_isa(int64_t isa) {
-  TORCH_CHECK(isa >= 0 && isa <= 3, "abc_packed: unknown isa code ", isa,
-              " (0 portable, 1 avx2, 2 avx512, 3 avx512 emulated on avx2)");
+  TORCH_CHECK(isa >= 0 && isa < kIsaCount, "abc_packed: unknown isa code ", isa, " (isa_names() lists ",
+              kIsaCount, " paths by code)");
   static const int features = cpu_features();  // the CPU does not change: ask it once, not per call
   TORCH_CHECK(isa != 2 || (features & 2), "abc_packed: this CPU lacks AVX-512 F/BW/DQ/VL + VPOPCNTDQ");
   TORCH_CHECK((isa != 1 && isa != 3) || (features & 1), "abc_packed: this CPU lacks AVX2 + FMA");
@@ -243,6 +245,8 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
 
 int64_t cpu_features_op() { return cpu_features(); }
 
+std::vector<std::string> isa_names_op() { return {std::begin(kIsaNames), std::end(kIsaNames)}; }
+
 // How many threads at::parallel_for used for `tasks` one-element tasks: what a test reads to check
 // that the build really runs in parallel (without -fopenmp, parallel_for is silently serial).
 int64_t parallel_threads(int64_t tasks) {
@@ -255,6 +259,7 @@ int64_t parallel_threads(int64_t tasks) {
 
 TORCH_LIBRARY(abc_packed, m) {
   m.def("cpu_features() -> int", &cpu_features_op);
+  m.def("isa_names() -> str[]", &isa_names_op);
   m.def("parallel_threads(int tasks) -> int", &parallel_threads);
   m.def("pack_nchw(Tensor x, Tensor shifts, int pad_h, int pad_w, int isa) -> Tensor", &pack_nchw_op);
   m.def("pack_rows(Tensor x, Tensor shifts, int isa) -> Tensor", &pack_rows_op);
