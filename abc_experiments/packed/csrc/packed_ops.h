@@ -58,6 +58,10 @@ struct ConvArgs {
   float half_k;                 // K / 2, K = bits per receptive field (C_in * kh * kw)
   bool relu;                    // out = max(out, 0): a following ReLU fused into the store
   const float* residual;        // nullptr, or added before the ReLU (conv layers: out's shape and strides)
+  // Set by the kernels (conv_impl), not the caller: the offset from a position's first activation
+  // word of each of a kernel row's kw * Wc words, in (kx, word) order, so the loop over a kernel
+  // row is one flat loop (at 64 channels, 3 x 3, a nest of 3 x 1 iterations cost as much as its body).
+  const int64_t* taps = nullptr;
 };
 
 // Dense taps, for inputs of fewer than 64 channels (or any C where it saves words): packed pixels
@@ -73,9 +77,8 @@ struct TapArgs {
 };
 
 // The operand layout of the packed format, which a kernel policy uses as it is (see
-// cpu/kernel_body.h: kAw u64 per activation word, kWw per word of 8 output channels).
+// cpu/kernel_body.h: layout()).
 struct PackedLayout {
-  static constexpr int64_t kAw = 1, kWw = 8;
   struct Operands {};
   static inline ConvArgs layout(const ConvArgs& a, Operands&) { return a; }
 };

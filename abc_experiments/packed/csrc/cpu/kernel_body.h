@@ -4,13 +4,13 @@
 // in the policy's handful of vector operations; see vec_*.h). No include guard on purpose.
 //
 // The policy V provides:
-//   kAw, kWw                              u64 per activation word and per word of 8 output
-//                                         channels in the policy's operand layout (1 and 8 as
-//                                         packed; AVX2 splits every word into its nibbles: 2, 16)
-//   ConvArgs layout(const ConvArgs&, Operands&)   the arguments with xp and wk in that layout
-//                                         (the identity for the packed layout; Operands owns copies)
-//   Wv load_w(const uint64_t* p)          the same word of 8 output channels (kWw consecutive u64)
-//   Av bcast(const uint64_t* p)           one activation word (kAw consecutive u64), broadcast
+//   ConvArgs layout(const ConvArgs&, Operands&)   the arguments with xp, wk and Wc in the
+//                                         policy's operand layout, still one u64 per word and 8
+//                                         per word of 8 channels (the identity for the packed
+//                                         layout; AVX2 splits every word into 2 nibble words, Wc
+//                                         -> 2 Wc; Operands owns the copies)
+//   Wv load_w(const uint64_t* p)          the same word of 8 output channels (8 consecutive u64)
+//   Av bcast(const uint64_t* p)           one activation word, broadcast
 //   Cv czero(); void step(Cv&, Wv, Av)    8 popcount counters; counter += popcount(w ^ a) per lane
 //   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 31)
 //   void spill(uint64_t* total, Cv&)      total[l] += counter[l], counters to 0 (every kSpan steps)
@@ -121,8 +121,8 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 32
       for (int nn = 0; nn < NN; ++nn) acc[cb][p][nn] = V::czero();
-  const int64_t Wc = a.Wc, NW = a.N * Wc * V::kAw;  // NW: u64 per activation pixel
-  const int64_t wblock = a.kh * a.kw * Wc * V::kWw;  // between consecutive blocks of 8 output channels
+  const int64_t Wc = a.Wc, NW = a.N * Wc;  // NW: u64 per activation pixel
+  const int64_t wblock = a.kh * a.kw * Wc * 8;  // between consecutive blocks of 8 output channels
   const uint64_t* wbase = a.wk + (m * a.COB + cob) * wblock;
   int64_t ix[P];
 #pragma GCC unroll 32
@@ -133,29 +133,29 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
   alignas(64) uint64_t total[CB][P][NN][8];
   if (spilled) std::memset(total, 0, sizeof total);
   int64_t left = V::kSpan;
+  const int64_t taps = a.kw * Wc;  // words per kernel row, each at offset a.taps[j] from a position's first
   for (int64_t ky = 0; ky < a.kh; ++ky) {
-    const uint64_t* row = a.xp + ((b * a.Hp + oy * a.sh + ky * a.dh) * a.Wp) * NW + n0 * Wc * V::kAw;
-    for (int64_t kx = 0; kx < a.kw; ++kx) {
-      const uint64_t* ap[P];
+    const uint64_t* row = a.xp + ((b * a.Hp + oy * a.sh + ky * a.dh) * a.Wp) * NW + n0 * Wc;
+    const uint64_t* ap[P];
 #pragma GCC unroll 32
-      for (int p = 0; p < P; ++p) ap[p] = row + (ix[p] + kx * a.dw) * NW;
-      const uint64_t* wp = wbase + (ky * a.kw + kx) * Wc * V::kWw;
-      for (int64_t wc = 0; wc < Wc; ++wc) {
-        typename V::Wv w[CB];
+    for (int p = 0; p < P; ++p) ap[p] = row + ix[p] * NW;
+    const uint64_t* wp = wbase + ky * taps * 8;
+    for (int64_t j = 0; j < taps; ++j) {
+      const int64_t off = a.taps[j];
+      typename V::Wv w[CB];
 #pragma GCC unroll 32
-        for (int cb = 0; cb < CB; ++cb) w[cb] = V::load_w(wp + cb * wblock + wc * V::kWw);
+      for (int cb = 0; cb < CB; ++cb) w[cb] = V::load_w(wp + cb * wblock + j * 8);
 #pragma GCC unroll 32
-        for (int p = 0; p < P; ++p)
+      for (int p = 0; p < P; ++p)
 #pragma GCC unroll 32
-          for (int nn = 0; nn < NN; ++nn) {
-            const typename V::Av av = V::bcast(ap[p] + (nn * Wc + wc) * V::kAw);
+        for (int nn = 0; nn < NN; ++nn) {
+          const typename V::Av av = V::bcast(ap[p] + off + nn * Wc);
 #pragma GCC unroll 32
-            for (int cb = 0; cb < CB; ++cb) V::step(acc[cb][p][nn], w[cb], av);
-          }
-        if (--left == 0) {
-          spill_all<CB, P, NN>(total, acc);
-          left = V::kSpan;
+          for (int cb = 0; cb < CB; ++cb) V::step(acc[cb][p][nn], w[cb], av);
         }
+      if (--left == 0) {
+        spill_all<CB, P, NN>(total, acc);
+        left = V::kSpan;
       }
     }
   }
@@ -253,7 +253,11 @@ static void conv_run(const ConvArgs& a) {
 
 static void conv_impl(const ConvArgs& args) {
   typename V::Operands operands;
-  const ConvArgs a = V::layout(args, operands);
+  ConvArgs a = V::layout(args, operands);
+  const int64_t taps = a.kw * a.Wc, NW = a.N * a.Wc;
+  const auto offsets = std::make_unique_for_overwrite<int64_t[]>(taps);
+  for (int64_t j = 0; j < taps; ++j) offsets[j] = (j / a.Wc) * a.dw * NW + j % a.Wc;
+  a.taps = offsets.get();
   switch (a.N < 5 ? a.N : 5) {
     case 1: return conv_run<1>(a);
     case 2: return conv_run<2>(a);

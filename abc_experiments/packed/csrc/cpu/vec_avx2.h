@@ -2,26 +2,26 @@
 // when folded or spilled, on operands split into their nibbles once per call.
 //
 // popcount(w ^ a) = popcount(lo(w) ^ lo(a)) + popcount(hi(w) ^ hi(a)), where lo(x) = x & 0x0f..0f
-// and hi(x) = (x >> 4) & 0x0f..0f: the split commutes with the xor. Splitting every weight and
-// activation word once per call (layout(): 2 u64 per activation word, 16 per word of 8 output
-// channels) leaves 6 vector operations per 4 output channels and word in the loop (2 xor, 2
-// shuffles, 2 byte additions) instead of 8 (xor, and, shift, and, 2 shuffles, 2 additions): the
-// loop's ceiling rises by a third. The counts are the same integers, so the outputs are the same
-// bits as on every other path. Included inside kernels.cpp's avx2 target region.
+// and hi(x) = (x >> 4) & 0x0f..0f: the split commutes with the xor. layout() splits every weight
+// and activation word once per call into two words of their own, [lo, hi] (so the kernel sees
+// Wc' = 2 Wc words per pixel), which leaves 3 vector operations per 4 output channels and split
+// word in the loop (xor, shuffle, byte addition) instead of 4 per whole word (xor, and, shift,
+// and, 2 shuffles, 2 additions = 8 per 2 halves): the loop's ceiling rises by a third. A step
+// holds only the half word's 2 weight registers and 1 broadcast, so 4 positions' counters (8 ymm)
+// stay in the 16 registers with no spill. The counts are the same integers, so the outputs are
+// the same bits as on every other path. Included inside kernels.cpp's avx2 target region.
 #include "vec_store_avx.h"  // (<memory>: kernels.cpp includes it before the target regions)
 
 struct V : AvxCommon {
-  static constexpr int64_t kAw = 2, kWw = 16;
-  // lo nibbles of 8 channels' words (2 ymm: channels 0-3, 4-7), then their hi nibbles
-  struct Wv { __m256i lo03, lo47, hi03, hi47; };
-  struct Av { __m256i lo, hi; };
+  struct Wv { __m256i w03, w47; };            // one nibble half of 8 channels' words
+  struct Av { __m256i a; };
   struct Cv { __m256i lo, hi; };  // byte counters of channels 0-3 and 4-7
-  static constexpr int64_t kSpan = 31;  // a byte gains at most 4 + 4 per step: 31 * 8 = 248 < 256
+  static constexpr int64_t kSpan = 63;  // a byte gains at most 4 per step: 63 * 4 = 252 < 256
 
   static constexpr uint64_t kNibbles = 0x0F0F0F0F0F0F0F0FULL;
   struct Operands { std::unique_ptr<uint64_t[]> xp, wk; };  // not zero-filled: every word is written
   // xp (B, Hp, Wp, N, Wc) -> (..., Wc, 2): [lo, hi] per word; wk (M, COB, kh, kw, Wc, 8) ->
-  // (..., Wc, 2, 8): the 8 channels' lo nibbles, then their hi nibbles.
+  // (..., Wc, 2, 8): the 8 channels' lo nibbles, then their hi nibbles; Wc -> 2 Wc.
   static ConvArgs layout(const ConvArgs& a, Operands& o) {
     const int64_t words = a.B * a.Hp * a.Wp * a.N * a.Wc, groups = a.M * a.COB * a.kh * a.kw * a.Wc;
     o.xp = std::make_unique_for_overwrite<uint64_t[]>(2 * words);
@@ -41,24 +41,21 @@ struct V : AvxCommon {
     ConvArgs split = a;
     split.xp = o.xp.get();
     split.wk = o.wk.get();
+    split.Wc = 2 * a.Wc;
     return split;
   }
 
   static inline __m256i load(const uint64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline Wv load_w(const uint64_t* p) { return {load(p), load(p + 4), load(p + 8), load(p + 12)}; }
-  static inline Av bcast(const uint64_t* p) {
-    return {_mm256_set1_epi64x(static_cast<long long>(p[0])), _mm256_set1_epi64x(static_cast<long long>(p[1]))};
-  }
+  static inline Wv load_w(const uint64_t* p) { return {load(p), load(p + 4)}; }
+  static inline Av bcast(const uint64_t* p) { return {_mm256_set1_epi64x(static_cast<long long>(p[0]))}; }
   static inline Cv czero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
   static inline __m256i lut() {
     return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   }
   static inline void step(Cv& acc, const Wv& w, const Av& a) {  // no horizontal sum per step
     const __m256i t = lut();
-    acc.lo = _mm256_add_epi8(acc.lo, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.lo03, a.lo)));
-    acc.hi = _mm256_add_epi8(acc.hi, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.lo47, a.lo)));
-    acc.lo = _mm256_add_epi8(acc.lo, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.hi03, a.hi)));
-    acc.hi = _mm256_add_epi8(acc.hi, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.hi47, a.hi)));
+    acc.lo = _mm256_add_epi8(acc.lo, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.w03, a.a)));
+    acc.hi = _mm256_add_epi8(acc.hi, _mm256_shuffle_epi8(t, _mm256_xor_si256(w.w47, a.a)));
   }
   static inline __m256i sums64(__m256i bytes) { return _mm256_sad_epu8(bytes, _mm256_setzero_si256()); }
   static inline void spill(uint64_t* total, Cv& acc) {
@@ -76,8 +73,8 @@ struct V : AvxCommon {
         _mm256_cvtepi32_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1)), _mm256_set1_ps(half_k));
     _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, first ? _mm256_setzero_ps() : _mm256_loadu_ps(t)));
   }
-  // 16 ymm registers: each counter takes two, each broadcast word two, plus the lookup table; the
-  // weights are read from L1 as memory operands of the xors.
+  // 16 ymm registers: each counter takes two, a step's weights two, its broadcast one, plus the
+  // lookup table.
   template <int NN> struct Cfg;
 };
 template <> struct V::Cfg<1> { static constexpr int CB = 1, P = 4; };
