@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from abc_experiments.nn import WeightBinarizer, fit_alphas, fit_alphas_adam, residual_bases, weight_bases
+from abc_experiments.nn import (
+    WeightBinarizer,
+    alternating_bases,
+    fit_alphas,
+    fit_alphas_adam,
+    nearest_code_bases,
+    residual_bases,
+    weight_bases,
+)
 from abc_experiments.nn.weights import combine
 
 
@@ -87,6 +95,57 @@ def test_residual_scheme_beats_the_fixed_grid_at_large_M():
     errors = [resid(M) for M in (1, 2, 4, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < grid(8) / 2
+
+
+def np_nearest_codes(w, alphas, scope):
+    """Brute force: every sign vector b ∈ {±1}ᴹ, and for each entry the b of the nearest Σ αₘbₘ."""
+    M = alphas.shape[0]
+    codes = np.array([[1.0 if (k >> m) & 1 else -1.0 for m in range(M)] for k in range(2 ** M)])
+    a = alphas.reshape(M, -1).T  # (G, M)
+    flat = w.reshape(a.shape[0], -1)
+    values = a @ codes.T  # (G, 2^M)
+    best = np.abs(flat[:, :, None] - values[:, None, :]).argmin(axis=2)  # (G, n)
+    return codes[best].transpose(2, 0, 1).reshape(M, *w.shape), np.take_along_axis(values, best, 1).reshape(w.shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+@pytest.mark.parametrize("scope", ["per_layer", "per_channel"])
+def test_nearest_code_bases_match_brute_force(shape, M, scope):
+    gen = torch.Generator().manual_seed(M)
+    w = torch.randn(shape, dtype=torch.float64, generator=gen)
+    alphas = torch.rand((M,) if scope == "per_layer" else (M, shape[0]), dtype=torch.float64, generator=gen)
+    bases = nearest_code_bases(w, alphas, scope)
+    assert bases.shape == (M, *shape) and set(bases.unique().tolist()) <= {-1.0, 1.0}
+    expected_bases, expected_values = np_nearest_codes(w.numpy(), alphas.numpy(), scope)
+    # the same value (codes of equal value are interchangeable), and no code nearer than it
+    np.testing.assert_allclose(combine(alphas, bases).numpy(), expected_values, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scope", ["per_layer", "per_channel"])
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+def test_alternating_bases_never_worse_than_residual(scope, M):
+    w = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(M))
+    error = lambda bases, alphas: ((w - combine(alphas, bases)).norm() / w.norm()).item()
+    errors = [error(*alternating_bases(w, M, scope, rounds=r)) for r in range(4)]
+    assert errors[0] == pytest.approx(error(*residual_bases(w, M, scope)), abs=1e-7)  # 0 rounds: residual
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))
+    if M >= 3:  # a Gaussian tensor: the residual bases are far from optimal there
+        assert errors[-1] < 0.9 * errors[0]
+    bases, alphas = alternating_bases(w, M, scope)
+    np.testing.assert_allclose(alphas.double().numpy(), np_alphas(w.double().numpy(), bases.double().numpy(), scope),
+                               rtol=1e-4, atol=1e-6)  # α: least squares for the final bases
+
+
+def test_alternating_scheme_in_the_binarizer_and_too_many_codes_refused():
+    w = torch.randn(8, 4, 3, 3)
+    binarizer = WeightBinarizer(3, bases="alternating").eval()
+    binarizer.refit(w)
+    bases, alphas = alternating_bases(w, 3)
+    assert torch.equal(binarizer.alphas, alphas)
+    assert torch.equal(binarizer(w), combine(alphas, bases))
+    with pytest.raises(ValueError, match="M = 13"):
+        alternating_bases(w, 13)
 
 
 @pytest.mark.parametrize("scope", ["per_layer", "per_channel"])

@@ -23,9 +23,11 @@ from .layers import ABCConv2d, ABCLayer, ABCLinear
 from .summary import LayerSummary, ModelSummary, summary
 from .weights import (
     WeightBinarizer,
+    alternating_bases,
     combine,
     fit_alphas,
     fit_alphas_adam,
+    nearest_code_bases,
     residual_bases,
     sign,
     weight_bases,
@@ -35,8 +37,8 @@ from .weights import (
 __all__ = [
     "ABCConv2d", "ABCLayer", "ABCLinear", "ActivationBinarizer", "ConversionReport", "LayerSummary",
     "LayerPrecisionError", "NothingToConvertError", "check_layer_precision", "plan_conversion",
-    "ModelSummary", "WeightBinarizer", "abc_layers", "calibrate", "combine", "convert",
+    "ModelSummary", "WeightBinarizer", "alternating_bases", "abc_layers", "calibrate", "combine", "convert",
     "fit_activation_bases", "fit_alphas", "fit_alphas_adam", "heaviside_bases", "recalibrate_batchnorm",
     "correct_batchnorm_to_reference", "reference_statistics", "running_stats",
-    "residual_bases", "sign", "summary", "weight_bases", "weight_shifts",
+    "nearest_code_bases", "residual_bases", "sign", "summary", "weight_bases", "weight_shifts",
 ]
