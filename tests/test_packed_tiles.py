@@ -21,7 +21,7 @@ from abc_experiments.nn import convert
 
 NATIVE = [pytest.param(isa, marks=RunIf(packed_isa=isa), id=isa) for isa in ("avx512", "avx512_emulated", "avx2")]
 OUT_CHANNELS = (1, 7, 8, 9, 17)  # tiles hold blocks of 8 output channels
-WIDTHS = (1, 4, 5, 9)  # register tiles hold 1, 2, 4 or 8 positions
+WIDTHS = (1, 4, 5, 9, 18)  # register tiles hold 1, 2, 4 or 8 positions (18: interior tiles of 8)
 IN_CHANNELS = (1, 65, 130)  # 64 channels per word
 PLANES = ((1, 1), (3, 2), (1, 3), (3, 5))  # (M, N)
 
