@@ -74,11 +74,12 @@ struct V : AvxCommon {
     _mm256_storeu_ps(t, _mm256_fmadd_ps(_mm256_loadu_ps(c), counts, first ? _mm256_setzero_ps() : _mm256_loadu_ps(t)));
   }
   // 16 ymm registers: each counter takes two, a step's weights two, its broadcast one, plus the
-  // lookup table.
+  // lookup table. 3 planes: 2 positions (12 counter registers) instead of 1 halve the weight loads
+  // and the tiles (ABC(3,3) 64-64 3x3 32x32: 0.57-0.60x -> 0.80-0.82x F.conv2d).
   template <int NN> struct Cfg;
 };
 template <> struct V::Cfg<1> { static constexpr int CB = 1, P = 4; };
 template <> struct V::Cfg<2> { static constexpr int CB = 1, P = 2; };
-template <> struct V::Cfg<3> { static constexpr int CB = 1, P = 1; };
+template <> struct V::Cfg<3> { static constexpr int CB = 1, P = 2; };
 template <> struct V::Cfg<4> { static constexpr int CB = 1, P = 1; };
 template <> struct V::Cfg<5> { static constexpr int CB = 1, P = 1; };
