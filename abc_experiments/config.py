@@ -19,7 +19,7 @@ from .data import DATASETS
 from .models import MODELS
 from .nn.activations import KERNELS
 from .nn.layers import IMPLS
-from .nn.weights import ALPHA_FITS, BASES, SCOPES
+from .nn.weights import ALPHA_FITS, BASES, MAX_ALTERNATING_M, SCOPES
 from .rundirs import register_resolvers
 from .settings import unknown_key_message
 from .training import OPTIMIZERS, PRECISIONS, SCHEDULES
@@ -272,13 +272,20 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.options: {error}") from None
     _check_min("abc.M", cfg.abc.M, 1)
     _check_min("abc.N", cfg.abc.N, 0)
+    alternating = cfg.abc.bases == "alternating"
+    if alternating and cfg.abc.M > MAX_ALTERNATING_M:
+        raise ConfigError(f"abc.M={cfg.abc.M} with abc.bases=alternating: the alternating bases enumerate the 2^M "
+                          f"codes, so M must be <= {MAX_ALTERNATING_M}; use abc.bases=residual for more bases")
     for pattern, precision in (cfg.abc.get("layers") or {}).items():
         if not str(pattern).strip():
             raise ConfigError("abc.layers: an empty pattern; give module-name globs such as layer1.* or layer3.2.conv2")
         _check_min(f"abc.layers.{pattern}.M", precision.M, 1)
         _check_min(f"abc.layers.{pattern}.N", precision.N, 0)
+        if alternating and precision.M > MAX_ALTERNATING_M:
+            raise ConfigError(f"abc.layers.{pattern}.M={precision.M} with abc.bases=alternating: M must be <= "
+                              f"{MAX_ALTERNATING_M} (2^M codes); use abc.bases=residual for more bases")
     if cfg.abc.learn_u and cfg.abc.bases != "shifted":
-        raise ConfigError("abc.learn_u=true needs abc.bases=shifted (residual bases have no shifts to learn)")
+        raise ConfigError(f"abc.learn_u=true needs abc.bases=shifted ({cfg.abc.bases} bases have no shifts to learn)")
     _check_min("abc.calibration.batches", cfg.abc.calibration.batches, 0)
     _check_min("abc.calibration.max_samples", cfg.abc.calibration.max_samples, 1)
     if not 0 < cfg.data.val_fraction < 1:

@@ -128,14 +128,15 @@ def markdown(suite: Suite, rows: list[dict], checks: list[dict], meta: dict) -> 
     se = rows[0]["fp_se"]
     lines = [f"# ABC-Net on {suite.title}, {meta['test_images']} official test images", "",
              f"torch {meta['torch']}, {meta['threads']} threads, {meta['machine']}, load average "
-             f"{meta['load_before']} before / {meta['load_after']} after; overrides: "
+             f"{meta['load_before']} before / {meta['load_after']} after; overrides of every row: "
              f"{' '.join(meta['overrides']) or 'none'}", "",
              f"One accuracy's standard error on these test images: about {se:.1f} points.", "",
-             "| config | FP acc % | converted acc % | fine-tuned acc % | gap converted | gap fine-tuned "
+             "| config | recipe | FP acc % | converted acc % | fine-tuned acc % | gap converted | gap fine-tuned "
              "| best epoch | ABC size kB | pretrain s | convert s | finetune s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {_name((r['M'], r['N']))} | {r['fp_acc']:.2f} | {r['converted_acc']:.2f} "
+        lines.append(f"| {_name((r['M'], r['N']))} | {' '.join(r.get('recipe', ())) or 'preset'} "
+                     f"| {r['fp_acc']:.2f} | {r['converted_acc']:.2f} "
                      f"| {r['finetuned_acc']:.2f} | {r['fp_acc'] - r['converted_acc']:.2f} "
                      f"| {r['fp_acc'] - r['finetuned_acc']:.2f} | {r['best_epoch']} | {r['abc_kb']:.1f} "
                      f"| {r['wall'].get('pretrain', 0):.0f} | {r['wall'].get('convert', 0):.0f} "
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
         run(compose_config(suite, M, N, args))
         summary = json.loads((args.out / f"M{M}_N{N}" / "summary.json").read_text())
         fp = summary["fp"]
-        rows.append({"M": M, "N": N, "fp_acc": fp["acc"], "converted_acc": summary["converted"]["acc"],
+        rows.append({"M": M, "N": N, "recipe": list(suite.recipes.get((M, N), ())),
+                     "fp_acc": fp["acc"], "converted_acc": summary["converted"]["acc"],
                      "finetuned_acc": summary["finetuned"]["acc"], "best_epoch": summary["finetuned"]["best_epoch"],
                      "fp_se": (fp["acc"] * (100 - fp["acc"]) / fp["test_size"]) ** 0.5,
                      "abc_kb": summary["size"]["abc_kb"], "fp_kb": summary["size"]["fp_kb"],

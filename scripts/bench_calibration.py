@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--batchnorm", default="relative,replace",
                         help="comma-separated: relative (the default: FP statistics moved by the shift conversion "
                              "causes) and/or replace (re-estimated from the calibration batches alone)")
-    parser.add_argument("--bases", default="shifted", help="weight bases: shifted (the paper's grid) or residual")
+    parser.add_argument("--bases", default="shifted",
+                        help="weight bases: shifted (the paper's grid), residual or alternating")
     parser.add_argument("--scopes", default="per_layer",
                         help="comma-separated alpha scopes: per_layer (the paper), per_channel (one alpha set "
                              "per output channel)")

@@ -117,7 +117,7 @@ def test_nearest_code_bases_match_brute_force(shape, M, scope):
     alphas = torch.rand((M,) if scope == "per_layer" else (M, shape[0]), dtype=torch.float64, generator=gen)
     bases = nearest_code_bases(w, alphas, scope)
     assert bases.shape == (M, *shape) and set(bases.unique().tolist()) <= {-1.0, 1.0}
-    expected_bases, expected_values = np_nearest_codes(w.numpy(), alphas.numpy(), scope)
+    _, expected_values = np_nearest_codes(w.numpy(), alphas.numpy(), scope)
     # the same value (codes of equal value are interchangeable), and no code nearer than it
     np.testing.assert_allclose(combine(alphas, bases).numpy(), expected_values, rtol=0, atol=1e-12)
 
@@ -127,14 +127,31 @@ def test_nearest_code_bases_match_brute_force(shape, M, scope):
 def test_alternating_bases_never_worse_than_residual(scope, M):
     w = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(M))
     error = lambda bases, alphas: ((w - combine(alphas, bases)).norm() / w.norm()).item()
-    errors = [error(*alternating_bases(w, M, scope, rounds=r)) for r in range(4)]
-    assert errors[0] == pytest.approx(error(*residual_bases(w, M, scope)), abs=1e-7)  # 0 rounds: residual
+    errors = [error(*alternating_bases(w, M, scope, rounds=r)) for r in range(4)]  # rounds=0: the residual bases
     assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))
     if M >= 3:  # a Gaussian tensor: the residual bases are far from optimal there
         assert errors[-1] < 0.9 * errors[0]
     bases, alphas = alternating_bases(w, M, scope)
     np.testing.assert_allclose(alphas.double().numpy(), np_alphas(w.double().numpy(), bases.double().numpy(), scope),
                                rtol=1e-4, atol=1e-6)  # α: least squares for the final bases
+
+
+def test_a_weight_halfway_between_two_code_values_takes_the_smaller():
+    alphas = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)  # values -1, 0 (6 codes), +1
+    w = torch.tensor([[0.5, -0.5, 0.75, 0.0]], dtype=torch.float64)
+    assert combine(alphas, nearest_code_bases(w, alphas)).tolist() == [[0.0, -1.0, 1.0, 0.0]]
+
+
+def test_alternating_bases_too_many_for_the_config(compose_cfg):
+    from abc_experiments.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"abc.M=13 with abc.bases=alternating"):
+        validate(compose_cfg(["abc.M=13", "abc.bases=alternating"]))
+    with pytest.raises(ConfigError, match=r"abc.layers.conv2.M=13 with abc.bases=alternating"):
+        validate(compose_cfg(["abc.bases=alternating", "abc.layers={conv2: {M: 13, N: 1}}"]))
+    validate(compose_cfg(["abc.M=13", "abc.bases=residual"]))  # fine with the greedy scheme
+    with pytest.raises(ValueError, match="M = 13"):
+        WeightBinarizer(13, bases="alternating")
 
 
 def test_alternating_scheme_in_the_binarizer_and_too_many_codes_refused():

@@ -210,7 +210,7 @@ class ABCConv2d(ABCLayer, nn.Conv2d):
         N: activation bases (≥ 0; 0 or None: full-precision activations).
         scope: ``"per_layer"`` (the paper) or ``"per_channel"`` alphas.
         impl: ``"fused"`` (one conv) or ``"naive"`` (M·N binary convs, the reference).
-        bases: ``"shifted"`` (the paper's grid) or ``"residual"``.
+        bases: ``"shifted"`` (the paper's grid), ``"residual"`` or ``"alternating"`` (see weights.py).
         learn_u: learn the weight shifts uₘ.
         alpha_fit: ``"lstsq"`` (closed form) or ``"adam"``.
         kernel: the activation kernel (see :class:`.ActivationBinarizer`).

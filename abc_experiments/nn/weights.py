@@ -293,16 +293,25 @@ def nearest_code_bases(weight: Tensor, alphas: Tensor, scope: str = "per_layer")
     """
     check_scope(scope)
     M = alphas.shape[0]
+    check_code_count(M)
     with torch.no_grad():
+        solver = _solver_device(weight.device)  # float64 (not on MPS)
         codes = torch.tensor([[1.0 if (k >> m) & 1 else -1.0 for m in range(M)] for k in range(2 ** M)],
-                             dtype=torch.float64, device=weight.device)  # (2^M, M)
-        a = alphas.to(torch.float64).reshape(M, -1).t()  # (G, M)
-        values, order = torch.sort(a @ codes.t(), dim=1)  # (G, 2^M) code values, ascending
-        w = weight.to(torch.float64).reshape(a.shape[0], -1)  # (G, n)
+                             dtype=torch.float64, device=solver)  # (2^M, M)
+        a = alphas.to(solver, torch.float64).reshape(M, -1).t()  # (G, M)
+        values, order = torch.sort(a @ codes.t(), dim=1, stable=True)  # (G, 2^M) code values, ascending
+        w = weight.to(solver, torch.float64).reshape(a.shape[0], -1)  # (G, n)
         bucket = torch.searchsorted((values[:, 1:] + values[:, :-1]) / 2, w.contiguous())  # nearest value
         chosen = torch.gather(order, 1, bucket)  # (G, n) code index
         bases = codes[chosen]  # (G, n, M)
-        return bases.permute(2, 0, 1).reshape(M, *weight.shape).to(weight.dtype)
+        return bases.permute(2, 0, 1).reshape(M, *weight.shape).to(weight.device, weight.dtype)
+
+
+def check_code_count(M: int) -> None:
+    """The alternating bases enumerate the 2ᴹ codes: refuse M > MAX_ALTERNATING_M."""
+    if M > MAX_ALTERNATING_M:
+        raise ValueError(f"alternating bases enumerate the 2^M codes: M = {M} is over {MAX_ALTERNATING_M}; "
+                         "use bases='residual' for more bases")
 
 
 def alternating_bases(weight: Tensor, M: int, scope: str = "per_layer",
@@ -320,9 +329,7 @@ def alternating_bases(weight: Tensor, M: int, scope: str = "per_layer",
     Returns:
         (bases, alphas), as :func:`residual_bases` returns them.
     """
-    if M > MAX_ALTERNATING_M:
-        raise ValueError(f"alternating bases enumerate the 2^M codes: M = {M} is over {MAX_ALTERNATING_M}; "
-                         "use bases='residual' for more bases")
+    check_code_count(M)
     bases, alphas = residual_bases(weight, M, scope)
     with torch.no_grad():
         for _ in range(rounds):
@@ -386,6 +393,8 @@ class WeightBinarizer(nn.Module):
             raise ValueError(f"unknown alpha_fit {alpha_fit!r}: choose one of {', '.join(ALPHA_FITS)}")
         if learn_u and bases != "shifted":
             raise ValueError("learn_u applies to the shifted bases only (bases='shifted')")
+        if bases == "alternating":
+            check_code_count(M)
         self.bases_scheme, self.alpha_fit, self.adam_steps = bases, alpha_fit, adam_steps
         shifts = weight_shifts(M)
         if learn_u:

@@ -12,7 +12,7 @@
 //   Wv load_w(const uint64_t* p)          the same word of 8 output channels (8 consecutive u64)
 //   Av bcast(const uint64_t* p)           one activation word, broadcast
 //   Cv czero(); void step(Cv&, Wv, Av)    8 popcount counters; counter += popcount(w ^ a) per lane
-//   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 31)
+//   kSpan                                 how many steps the counters hold (AVX2 counts in bytes: 63)
 //   void spill(uint64_t* total, Cv&)      total[l] += counter[l], counters to 0 (every kSpan steps)
 //   void fold(float* t, const float* c, const Cv&, float h, bool first)
 //                                         t[l] = fma(c[l], counter[l] - h, first ? 0 : t[l]), l < 8
@@ -129,7 +129,7 @@ static inline void micro(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, 
   for (int p = 0; p < P; ++p) ix[p] = (ox0 + p < a.OW ? ox0 + p : a.OW - 1) * a.sw;  // tail: repeat the last
   // More steps than the counters hold: spill them into 64-bit totals every kSpan steps (the
   // countdown reaches 0 only then, so short reductions pay one decrement per step).
-  const bool spilled = a.kh * a.kw * Wc > V::kSpan;
+  const bool spilled = a.kh * a.kw * Wc >= V::kSpan;  // (exactly kSpan: the loop spills at the last step)
   alignas(64) uint64_t total[CB][P][NN][8];
   if (spilled) std::memset(total, 0, sizeof total);
   int64_t left = V::kSpan;
