@@ -142,6 +142,14 @@ def test_a_weight_halfway_between_two_code_values_takes_the_smaller():
     assert combine(alphas, nearest_code_bases(w, alphas)).tolist() == [[0.0, -1.0, 1.0, 0.0]]
 
 
+def test_nearest_code_bases_refuse_alphas_of_the_wrong_shape():
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(ValueError, match="must have shape"):
+        nearest_code_bases(w, torch.rand(3, 4), "per_channel")  # 4 channels' alphas for 8 (8 = 2 x 4: reshapes)
+    with pytest.raises(ValueError, match="must have shape"):
+        nearest_code_bases(w, torch.rand(3, 8), "per_layer")
+
+
 def test_alternating_bases_too_many_for_the_config(compose_cfg):
     from abc_experiments.config import ConfigError, validate
 

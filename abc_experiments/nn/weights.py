@@ -292,12 +292,16 @@ def nearest_code_bases(weight: Tensor, alphas: Tensor, scope: str = "per_layer")
         (M, *W.shape) tensor of ±1 in W's dtype.
     """
     check_scope(scope)
-    M = alphas.shape[0]
+    M = alphas.shape[0] if alphas.dim() else 0
+    expected = (M,) if scope == "per_layer" else (M, weight.shape[0])
+    if alphas.dim() == 0 or tuple(alphas.shape) != expected:
+        raise ValueError(f"nearest_code_bases: {scope} alphas for a weight of shape {tuple(weight.shape)} must have "
+                         f"shape (M,){'' if scope == 'per_layer' else ' + (C_out,)'}, got {tuple(alphas.shape)}")
     check_code_count(M)
     with torch.no_grad():
         solver = _solver_device(weight.device)  # float64 (not on MPS)
-        codes = torch.tensor([[1.0 if (k >> m) & 1 else -1.0 for m in range(M)] for k in range(2 ** M)],
-                             dtype=torch.float64, device=solver)  # (2^M, M)
+        bits = (torch.arange(2 ** M, device=solver).unsqueeze(1) >> torch.arange(M, device=solver)) & 1
+        codes = (2 * bits - 1).to(torch.float64)  # (2^M, M): code k has +1 at bit m of k, else -1
         a = alphas.to(solver, torch.float64).reshape(M, -1).t()  # (G, M)
         values, order = torch.sort(a @ codes.t(), dim=1, stable=True)  # (G, 2^M) code values, ascending
         w = weight.to(solver, torch.float64).reshape(a.shape[0], -1)  # (G, n)
