@@ -43,6 +43,8 @@ def test_single_converted_layer_all_but_it_is_exactly_the_fp_model(single_layer_
     assert result.all_acc == summary["converted"]["val_acc"]
     assert layer.all_but_acc == result.fp_acc  # nothing converted: the FP model itself
     assert layer.only_acc == result.all_acc  # only this layer = every layer here
+    assert layer.all_but_loss == result.fp_loss == summary["fp"]["val_loss"]  # the losses too, exactly
+    assert layer.only_loss == result.all_loss == summary["converted"]["val_loss"]
     assert layer.M == layer.N == 2 and layer.macs > 0 and layer.kind == "ABCConv2d"
     assert 0 < layer.weight_error < 1 and 0 < layer.activation_error < 1 and layer.output_error > 0
     assert result.val_images == summary["fp"]["val_size"] and result.calibration_batches == 2
@@ -111,12 +113,19 @@ def test_cli_refuses_a_folder_that_is_not_a_run_with_one_line(tmp_path):
 
 
 # ---- --budget: per-layer bases from the sensitivities (no run needed) ------------------------------
-def _measured(layers, fp_acc=90.0, all_acc=70.0, M=3, N=3):
+def _measured(layers, fp_acc=90.0, all_acc=70.0, M=3, N=3, losses=None):
+    """``losses``: (fp, all, {name: added loss}) for measurements that kept the losses."""
     rows = [LayerSensitivity(name=name, kind="ABCConv2d", M=M, N=N, macs=macs, weight_error=0.4,
                              activation_error=0.3 if N else None, output_error=0.5, inherited_error=0.2,
                              only_acc=fp_acc - drop, all_but_acc=all_acc + drop) for name, macs, drop in layers]
+    fp_loss = all_loss = None
+    if losses is not None:
+        fp_loss, all_loss, added = losses
+        for row in rows:
+            row.only_loss, row.all_but_loss = fp_loss + added[row.name], all_loss - added[row.name]
     return Sensitivity(run_dir="run", model="m", dataset="d", M=M, N=N, fp_acc=fp_acc, all_acc=all_acc,
-                       val_images=100, calibration_batches=2, calibration="reuse", fp_source="trained", layers=rows)
+                       fp_loss=fp_loss, all_loss=all_loss, val_images=100, calibration_batches=2,
+                       calibration="reuse", fp_source="trained", layers=rows)
 
 
 def _cost(assignment, result):
@@ -138,6 +147,26 @@ def test_budget_gives_the_sensitive_layer_more_bases_within_the_budget():
         propose_assignment(result, 0.1)
     with pytest.raises(ValueError, match="positive"):
         propose_assignment(result, 0)
+
+
+def test_budget_ranks_layers_by_the_validation_loss_when_measured():
+    # the accuracies (a few hundred images: steps of noise) say "a"; the losses say "b"
+    layers = [("a", 1000, 3.0), ("b", 1000, 0.0)]
+    def bases(assignment, name):
+        M, N = assignment.layers[name]
+        return M * N
+
+    by_accuracy = propose_assignment(_measured(layers), 1.0)
+    assert by_accuracy.measure == "validation accuracy" and bases(by_accuracy, "a") > bases(by_accuracy, "b")
+    result = _measured(layers, losses=(0.5, 1.5, {"a": 0.05, "b": 0.4}))
+    by_loss = propose_assignment(result, 1.0)
+    assert by_loss.measure == "validation loss" and "from the validation loss" in by_loss.table()
+    assert bases(by_loss, "b") > bases(by_loss, "a")
+    # in accuracy points at the whole model's rate: 20 points per nat here, (0.4 + 0.4) / 2 * 20 + 0.1
+    assert by_loss.sensitivity == pytest.approx({"a": 0.05 * 20 + 0.1, "b": 0.4 * 20 + 0.1})
+    # a conversion that added no loss gives no rate: the accuracies decide
+    assert propose_assignment(_measured(layers, losses=(0.5, 0.5, {"a": 0.0, "b": 0.0})), 1.0).measure \
+        == "validation accuracy"
 
 
 def test_budget_keeps_weight_only_layers_weight_only_and_caps_the_bases():

@@ -10,8 +10,13 @@ heuristic, not a measurement of every candidate:
   at M = 1 and 0.27 at M = 5), so its squared output error at (M, N) is predicted as
   ``w²·M₀/M + a²·N₀/N`` from its measured weight and activation errors w, a at the run's (M₀, N₀);
 * the accuracy it costs is its measured sensitivity times that error relative to the run's: the
-  sensitivity is the mean of the points lost converting only it and the points won back keeping
-  only it full precision (negative parts, noise, count as 0), plus 0.1 so that no layer is ignored.
+  sensitivity is the mean of what converting only it loses and what keeping only it full precision
+  wins back (negative parts, noise, count as 0), plus 0.1 points so that no layer is ignored. Both
+  are measured in validation cross-entropy and turned into accuracy points at the whole model's
+  rate (points lost by converting every layer per nat of loss that adds): a paired, continuous
+  measure, far less noisy than accuracies on a few hundred images (steps of one image, standard
+  error about 2 points), by which the layers were ranked mostly by noise. Measurements from before
+  the losses were kept, or a run whose conversion added no loss, use the accuracies themselves.
 
 Every layer starts at M = N = 1 (N = 0 stays 0); then, while the budget allows, the one change of
 one layer's (M, N) (to any setting up to ``max_bases``, also fewer of one kind for more of the
@@ -21,6 +26,7 @@ other) with the largest predicted gain per added cost is taken. Measure the prop
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .measure import Sensitivity
@@ -38,6 +44,7 @@ class Assignment:
         relative_cost: the proposal's cost relative to the run's (at most ``budget``).
         uniform: layer name -> (M, N) of the run.
         sensitivity: layer name -> the sensitivity (points) the choice used.
+        measure: what the sensitivities came from: ``"validation loss"`` or ``"validation accuracy"``.
     """
 
     layers: dict[str, tuple[int, int]]
@@ -45,6 +52,7 @@ class Assignment:
     relative_cost: float
     uniform: dict[str, tuple[int, int]] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)
+    measure: str = "validation accuracy"
 
     def override(self) -> str:
         """The Hydra override, quoted for a shell: ``'abc.layers={conv2: {M: 3, N: 2}, ...}'``."""
@@ -58,12 +66,28 @@ class Assignment:
         for name, (M, N) in self.layers.items():
             M0, N0 = self.uniform[name]
             rows.append(f"{name:<{width}}  {f'{M0},{N0}':>7}  {f'{M},{N}':>8}  {self.sensitivity[name]:>11.2f}")
-        rows.append(f"binary operations: {self.relative_cost:.3f} x the run's (budget {self.budget:g})")
+        rows.append(f"binary operations: {self.relative_cost:.3f} x the run's (budget {self.budget:g}); "
+                    f"sensitivities in accuracy points, from the {self.measure}")
         return "\n".join(rows)
 
 
 def _cost(M: int, N: int, macs: int) -> float:
     return M * max(N, 1) * float(macs)
+
+
+def _drops(result: Sensitivity) -> tuple[str, dict[str, tuple[float, float]]]:
+    """Per layer (lost converting only it, won back keeping only it FP) in accuracy points, and from what."""
+    layers = result.layers
+    losses = [result.fp_loss, result.all_loss] + [v for layer in layers for v in (layer.only_loss, layer.all_but_loss)]
+    if all(v is not None and math.isfinite(v) for v in losses):
+        added, lost = result.all_loss - result.fp_loss, result.fp_acc - result.all_acc
+        if added > 0 and lost > 0:
+            rate = lost / added  # accuracy points per nat of cross-entropy, as the whole model trades them
+            return "validation loss", {layer.name: (rate * (layer.only_loss - result.fp_loss),
+                                                    rate * (result.all_loss - layer.all_but_loss))
+                                       for layer in layers}
+    return "validation accuracy", {layer.name: (layer.only_drop(result.fp_acc), layer.all_but_gain(result.all_acc))
+                                   for layer in layers}
 
 
 def propose_assignment(result: Sensitivity, budget: float, max_bases: int = 8) -> Assignment:
@@ -92,11 +116,11 @@ def propose_assignment(result: Sensitivity, budget: float, max_bases: int = 8) -
     if run_cost <= 0:
         raise ValueError("the measured layers have no multiply-accumulates: the budget cannot be split")
     limit = budget * run_cost
+    measure, drops = _drops(result)
     sensitivity, weights = {}, {}
     for layer in layers:
-        lost = max(layer.only_drop(result.fp_acc), 0.0)
-        won = max(layer.all_but_gain(result.all_acc), 0.0)
-        sensitivity[layer.name] = (lost + won) / 2 + FLOOR
+        lost, won = drops[layer.name]
+        sensitivity[layer.name] = (max(lost, 0.0) + max(won, 0.0)) / 2 + FLOOR
         w = layer.weight_error
         a = layer.activation_error if layer.activation_error is not None else w  # uncalibrated: a guess
         weights[layer.name] = (w * w * layer.M, a * a * layer.N if layer.N > 0 else 0.0)
@@ -134,4 +158,4 @@ def propose_assignment(result: Sensitivity, budget: float, max_bases: int = 8) -
         chosen[name] = setting
         spent += added
     return Assignment(layers=chosen, budget=budget, relative_cost=spent / run_cost, uniform=uniform,
-                      sensitivity=sensitivity)
+                      sensitivity=sensitivity, measure=measure)

@@ -4,6 +4,9 @@ For every layer the run converted, on the run's validation split:
 
 * ``only_acc``: the accuracy with only that layer converted (and calibrated as the run calibrates);
 * ``all_but_acc``: the accuracy with every other layer converted and that one kept full precision;
+* ``only_loss`` / ``all_but_loss``: the same two models' mean validation cross-entropy (a paired,
+  continuous measure: far less noisy than an accuracy on a few hundred images, which is why
+  ``--budget`` ranks the layers by it);
 * ``weight_error`` / ``activation_error``: its reconstruction errors ‖W − ΣαB‖/‖W‖ and
   ‖R − c − ΣβA‖/‖R‖ in the all-converted model (the run's calibration);
 * ``output_error``: ‖y − y_FP‖/‖y_FP‖ of its output in the all-converted model (everything before
@@ -79,6 +82,9 @@ class LayerSensitivity:
     inherited_error: float  # of the FP layer's output on the all-converted model's input
     only_acc: float  # only this layer converted
     all_but_acc: float  # every layer converted except this one
+    # the same two models' mean validation cross-entropy (None in measurements from before it was kept)
+    only_loss: float | None = None
+    all_but_loss: float | None = None
 
     def only_drop(self, fp_acc: float) -> float:
         """Accuracy points lost by converting this layer alone."""
@@ -104,6 +110,8 @@ class Sensitivity:
     calibration_batches: int
     calibration: str  # "reuse" or "exact" (see the module docstring)
     fp_source: str
+    fp_loss: float | None = None  # mean validation cross-entropy of the FP and the all-converted model
+    all_loss: float | None = None
     run_fp_val_acc: float | None = None  # what the run itself measured, for comparison
     run_converted_val_acc: float | None = None
     layers: list[LayerSensitivity] = field(default_factory=list)  # in forward order
@@ -369,8 +377,8 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
         seed_stage(int(config.seed), "convert")
         return model, calibrate(model, inputs, **calibration)
 
-    def accuracy(model: nn.Module, what: str) -> float:
-        return evaluate(model, val_loader, torch_device, precision, channels_last, description=what).acc
+    def accuracy(model: nn.Module, what: str):
+        return evaluate(model, val_loader, torch_device, precision, channels_last, description=what)
 
     # The conversion as the run did it, before calibration: the template every variant takes its layers from.
     template = copy.deepcopy(fp_model)
@@ -385,10 +393,12 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
     log.info("sensitivity of %d converted layer(s) of %s: %d calibration batches, %d validation images, "
              "'all but' calibration %s", count, run_dir, len(inputs), len(val_loader.dataset),
              "exact" if exact else "reused from the all-converted model")
-    fp_acc = accuracy(fp_model, "sensitivity: FP model")
+    fp = accuracy(fp_model, "sensitivity: FP model")
+    fp_acc = fp.acc
     bar.update(1, model="FP")
     full, _ = calibrated(copy.deepcopy(template))
-    all_acc = accuracy(full, "sensitivity: all converted")
+    every = accuracy(full, "sensitivity: all converted")
+    all_acc = every.acc
     bar.update(1, model="all converted")
     log.info("FP model: %.2f%%, all %d converted: %.2f%% (the run measured %s and %s)", fp_acc, count, all_acc,
              _percent(summary.fp), _percent(summary.converted))
@@ -399,10 +409,10 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
         abc_layer = full.get_submodule(name)
         only = copy.deepcopy(fp_model)
         _swap(only, name, copy.deepcopy(template.get_submodule(name)))
-        only_acc = accuracy(calibrated(only)[0], f"sensitivity: only {name}")
+        only_result = accuracy(calibrated(only)[0], f"sensitivity: only {name}")
         bar.update(1, model=f"only {name}")
         if count == 1:
-            all_but_acc = fp_acc  # nothing converted: the FP model itself
+            all_but_result = fp  # nothing converted: the FP model itself
         else:
             all_but = copy.deepcopy(template if exact else full)
             _swap(all_but, name, copy.deepcopy(fp_model.get_submodule(name)))
@@ -413,23 +423,25 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
                     recalibrate_batchnorm(all_but, inputs)
                     if fp_statistics is not None:  # as the run: relative to the FP statistics
                         correct_batchnorm_to_reference(all_but, *fp_statistics)
-            all_but_acc = accuracy(all_but, f"sensitivity: all but {name}")
+            all_but_result = accuracy(all_but, f"sensitivity: all but {name}")
         bar.update(1, model=f"all but {name}")
         layer = LayerSensitivity(
             name=name, kind=type(abc_layer).__name__, M=abc_layer.M, N=abc_layer.N, macs=macs.get(name, 0),
             weight_error=abc_layer.weight_error(), activation_error=abc_layer.activation_error(),
-            output_error=errors[name][0], inherited_error=errors[name][1], only_acc=only_acc,
-            all_but_acc=all_but_acc)
+            output_error=errors[name][0], inherited_error=errors[name][1], only_acc=only_result.acc,
+            all_but_acc=all_but_result.acc, only_loss=only_result.loss, all_but_loss=all_but_result.loss)
         layers.append(layer)
         log.info("%s (%d/%d): only this layer %.2f%% (%+.2f), all but this layer %.2f%% (%+.2f), "
-                 "output error %.3f (inherited %.3f)", name, index + 1, count, only_acc, -layer.only_drop(fp_acc),
-                 all_but_acc, layer.all_but_gain(all_acc), layer.output_error, layer.inherited_error)
+                 "output error %.3f (inherited %.3f)", name, index + 1, count, layer.only_acc,
+                 -layer.only_drop(fp_acc), layer.all_but_acc, layer.all_but_gain(all_acc), layer.output_error,
+                 layer.inherited_error)
         if on_layer is not None:
             on_layer(layer, index, count)
     bar.close()
     return Sensitivity(
         run_dir=str(run_dir), model=summary.model, dataset=summary.dataset, M=int(abc.M), N=int(abc.N or 0),
-        fp_acc=fp_acc, all_acc=all_acc, val_images=len(val_loader.dataset), calibration_batches=len(inputs),
+        fp_acc=fp_acc, all_acc=all_acc, fp_loss=fp.loss, all_loss=every.loss, val_images=len(val_loader.dataset),
+        calibration_batches=len(inputs),
         calibration="exact" if exact else "reuse", fp_source=fp_source,
         run_fp_val_acc=summary.fp.val_acc if summary.fp else None,
         run_converted_val_acc=summary.converted.val_acc if summary.converted else None,

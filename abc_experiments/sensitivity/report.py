@@ -33,30 +33,43 @@ def markdown_table(result: Sensitivity) -> str:
         "",
         f"Validation accuracy ({result.val_images} images, standard error about {se:.1f} points): "
         f"FP {result.fp_acc:.2f}%, all {len(result.layers)} layers converted {result.all_acc:.2f}% "
-        f"({result.all_acc - result.fp_acc:+.2f}). Calibration: {result.calibration_batches} batches, "
-        f"'all but' {reuse}.",
+        f"({result.all_acc - result.fp_acc:+.2f}){_losses(result)}. Calibration: {result.calibration_batches} "
+        f"batches, 'all but' {reuse}.",
         "",
-        "| # | layer | M | N | MACs | W err | A err | out err | inherited | only this | Δ vs FP "
-        "| all but this | Δ vs all |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | layer | M | N | MACs | W err | A err | out err | inherited | only this | Δ vs FP | Δ loss "
+        "| all but this | Δ vs all | Δ loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for index, layer in enumerate(result.layers, 1):
         lines.append(
             f"| {index} | {layer.name} | {layer.M} | {layer.N} | {layer.macs:,} | {_error(layer.weight_error)} | "
             f"{_error(layer.activation_error)} | {_error(layer.output_error)} | {_error(layer.inherited_error)} | "
-            f"{layer.only_acc:.2f} | {-layer.only_drop(result.fp_acc):+.2f} | {layer.all_but_acc:.2f} | "
-            f"{layer.all_but_gain(result.all_acc):+.2f} |")
+            f"{layer.only_acc:.2f} | {-layer.only_drop(result.fp_acc):+.2f} | "
+            f"{_difference(layer.only_loss, result.fp_loss)} | {layer.all_but_acc:.2f} | "
+            f"{layer.all_but_gain(result.all_acc):+.2f} | {_difference(layer.all_but_loss, result.all_loss)} |")
     lines += [
         "",
         "W err, A err: relative weight and activation reconstruction errors in the all-converted model. "
         "out err: relative error of the layer's output in the all-converted model against the FP model; "
         "inherited: the same for the FP layer fed the converted model's input (the part the layers before it "
-        "pass on). only this: accuracy with only this layer converted; all but this: every other layer converted.",
+        "pass on). only this: accuracy with only this layer converted; all but this: every other layer converted; "
+        "Δ loss: the change of the mean validation cross-entropy against the FP and the all-converted model "
+        "(paired and continuous: less noisy than the accuracies, and what --budget ranks the layers by).",
     ]
     if result.kept:
         lines += ["", "Kept full precision by the run: "
                   + ", ".join(f"{name} ({why})" for name, why in result.kept.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _difference(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or reference is None else f"{value - reference:+.3f}"
+
+
+def _losses(result: Sensitivity) -> str:
+    if result.fp_loss is None or result.all_loss is None:
+        return ""
+    return f"; validation loss FP {result.fp_loss:.3f}, all converted {result.all_loss:.3f}"
 
 
 def _standard_error(acc: float, count: int) -> float:
