@@ -152,6 +152,12 @@ class DistillConfig:
 @dataclass
 class FinetuneConfig(StageConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # Before each validation, re-estimate every BatchNorm's statistics on this many training batches
+    # (the epoch's first, as trained: same images and augmentation) with the weights as they are
+    # (0: off, the running averages of training). Binarized weights move the layer outputs faster
+    # than the running averages follow: ResNet-20 ABC(3,3) 9 Adam steps into fine-tuning validated at
+    # 64.4 % on its running statistics and 67.3 % re-estimated (39.8 % vs 64.2 % at lr 1e-3).
+    precise_bn: int = 0
 
 
 @dataclass
@@ -309,6 +315,7 @@ def validate(cfg: DictConfig) -> None:
             _check_min(f"{stage}.step_size", s.step_size, 1)
             _check_positive(f"{stage}.gamma", s.gamma)
     _check_min("finetune.distill.weight", cfg.finetune.distill.weight, 0)
+    _check_min("finetune.precise_bn", cfg.finetune.precise_bn, 0)
     _check_positive("finetune.distill.temperature", cfg.finetune.distill.temperature)
 
 

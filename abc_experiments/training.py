@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import CheckpointError, ResumeRefusedError, atomic_save, load_checkpoint, load_model_state
 from .distributed import DistributedContext
+from .nn.calibrate import recalibrate_batchnorm
 from .progress import INTERVAL_S, Progress
 from .settings import setting_differences
 from .tb import STEP_LOSS, log_epoch
@@ -405,13 +406,48 @@ class StageTrainer:
         return (f"the {self.stage} loss {what} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} "
                 f"(lr {lr:g}): the training diverged. Lower {self.stage}.lr or check the data{saved}")
 
+    def _precise_batchnorm(self) -> None:
+        """With ``precise_bn`` = K > 0 (fine-tuning): every BatchNorm's running statistics re-estimated
+        on the first K batches of the epoch just trained (the same images and augmentation: both are
+        functions of (seed, epoch, sample)), with the model as validation runs it (eval mode, frozen
+        alphas), so validation, model selection and the kept checkpoints see statistics of the
+        weights as they are, not running averages of weights that moved. Under DDP each rank uses its
+        own shard's batches and the statistics are averaged over the ranks."""
+        batches = int(getattr(self.cfg, "precise_bn", 0) or 0)
+        if batches <= 0:
+            return
+        loader = self.loaders["train"]
+        loader.sampler.set_epoch(self.epoch)  # from the epoch's start (the next epoch sets its own)
+
+        def inputs():
+            for _, (images, _labels) in zip(range(batches), loader):
+                yield _to_device(images, self.device, self.env.channels_last)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.env.precision):
+                recalibrate_batchnorm(self.model, inputs())
+        finally:
+            self.model.train(was_training)
+        if self.ctx.world_size > 1:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                    for buffer in (module.running_mean, module.running_var):
+                        buffer.copy_(self.ctx.sum(buffer.detach().float()).to(buffer) / self.ctx.world_size)
+
     def fit(self) -> list[dict]:
         """Train the remaining epochs; returns the history (one record per epoch)."""
+        precise = int(getattr(self.cfg, "precise_bn", 0) or 0)
+        if precise > 0 and self.epoch < self.cfg.epochs:
+            log.info("%s: BatchNorm statistics re-estimated on %d training batches before each validation "
+                     "(%s.precise_bn)", self.stage, precise, self.stage)
         while self.epoch < self.cfg.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             train = self._train_epoch()
             seconds = time.perf_counter() - started
+            self._precise_batchnorm()
             val = evaluate(self.model, self.loaders["val"], self.device, self.env.precision, self.env.channels_last,
                            description=f"{self.stage} epoch {self.epoch + 1} validation")
             record = {"epoch": self.epoch + 1, "lr": lr, "train_samples": train.count,

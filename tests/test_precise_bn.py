@@ -1,0 +1,67 @@
+"""finetune.precise_bn: BatchNorm statistics re-estimated before each validation, on the first
+batches of the epoch just trained; the training itself is untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from abc_experiments.training import StageEnvironment, evaluate, train_stage
+
+
+def _fit(tmp_path, name: str, precise_bn: int):
+    from torch.utils.data import TensorDataset
+
+    from abc_experiments.data.datasets import DataSplits
+    from abc_experiments.data.loaders import build_loaders
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(96, 1, 8, 8), torch.randint(0, 3, (96,))
+    data = TensorDataset(images, labels)
+    splits = DataSplits(name="tiny", train=data, val=data, test=data, in_channels=1, image_size=8, num_classes=3,
+                        calib=data)
+    loaders = build_loaders(splits, batch_size=16, eval_batch_size=96, num_workers=0, device="cpu", seed=0)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    cfg = type("Cfg", (), dict(epochs=1, steps_per_epoch=None, optimizer="adam", lr=3e-2, weight_decay=0.0,
+                               momentum=0.9, schedule="cosine", step_size=1, gamma=0.1, divergence_factor=0.0,
+                               precise_bn=precise_bn))()
+    env = StageEnvironment(device=torch.device("cpu"), checkpoint_dir=tmp_path / name, progress=False)
+    (tmp_path / name).mkdir()
+    writer = type("W", (), {"add_scalar": lambda *a, **k: None, "flush": lambda *a: None})()
+    fit = train_stage("finetune", model, loaders, cfg, env, writer, seed=0)
+    return model, fit, loaders
+
+
+def test_precise_bn_leaves_training_alone_and_sets_the_statistics_of_the_epochs_first_batches(tmp_path):
+    plain, plain_fit, _ = _fit(tmp_path, "plain", 0)
+    precise, precise_fit, loaders = _fit(tmp_path, "precise", 2)
+    # the training is the same, bit for bit: only the BatchNorm statistics differ
+    for name, parameter in plain.named_parameters():
+        assert torch.equal(parameter, precise.get_parameter(name)), name
+    assert [r["train_loss"] for r in plain_fit.history] == [r["train_loss"] for r in precise_fit.history]
+    # by hand: the conv outputs of epoch 0's first two training batches (16 images each), their
+    # per-batch means and unbiased variances averaged
+    loaders["train"].sampler.set_epoch(0)
+    batches = [images for _, (images, _labels) in zip(range(2), loaders["train"])]
+    with torch.no_grad():
+        outputs = [precise[0](images).double() for images in batches]
+    mean = torch.stack([y.mean((0, 2, 3)) for y in outputs]).mean(0)
+    var = torch.stack([y.var((0, 2, 3), unbiased=True) for y in outputs]).mean(0)
+    norm = precise[1]
+    torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain[1].running_mean, norm.running_mean)  # the running averages were elsewhere
+    # validation (and so model selection) measured the model with those statistics
+    val = evaluate(precise, loaders["val"], torch.device("cpu"))
+    assert precise_fit.history[0]["val_loss"] == pytest.approx(val.loss, rel=1e-9)
+    assert precise_fit.history[0]["val_acc"] == val.acc
+
+
+def test_precise_bn_is_range_checked_and_recorded(compose_cfg):
+    from abc_experiments.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="finetune.precise_bn=-1 is out of range"):
+        validate(compose_cfg(["finetune.precise_bn=-1"]))
+    assert compose_cfg(["finetune.precise_bn=8"]).finetune.precise_bn == 8
