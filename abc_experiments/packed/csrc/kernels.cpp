@@ -23,6 +23,7 @@
 namespace abc_packed {
 
 namespace portable {
+#include "cpu/epilogue.h"
 #include "cpu/vec_portable.h"
 #include "cpu/kernel_body.h"
 }  // namespace portable
@@ -31,10 +32,12 @@ namespace portable {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,popcnt")
 namespace avx2 {
+#include "cpu/epilogue.h"
 #include "cpu/vec_avx2.h"
 #include "cpu/kernel_body.h"
 }  // namespace avx2
 namespace avx512_emulated {  // the AVX-512 policy on AVX2 hardware, for tests (see the header)
+#include "cpu/epilogue.h"
 #include "cpu/vec_avx512_emulated.h"
 #include "cpu/kernel_body.h"
 }  // namespace avx512_emulated
@@ -43,6 +46,7 @@ namespace avx512_emulated {  // the AVX-512 policy on AVX2 hardware, for tests (
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx2,fma,popcnt")
 namespace avx512 {
+#include "cpu/epilogue.h"
 #include "cpu/vec_avx512.h"
 #include "cpu/kernel_body.h"
 }  // namespace avx512

@@ -187,23 +187,20 @@ static inline void micro_planes(const ConvArgs& a, int64_t b, int64_t oy, int64_
   micro<CB, P, NNMAX>(a, b, oy, ox0, cob, m, n0, tile, tile_stride, first);
 }
 
-// tile (P positions x cbn*8 channels, position-major) + bterm -> out
+// tile (P positions x cbn*8 channels, position-major) -> out through the epilogue (cpu/epilogue.h)
 static inline void store_tile(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t cob, int64_t cbn,
                               int64_t P, const float* tile) {
   const int64_t np = a.OW - ox0 < P ? a.OW - ox0 : P;
   const int64_t co0 = cob * 8, nco = a.Cout - co0 < cbn * 8 ? a.Cout - co0 : cbn * 8;
   const int64_t tile_stride = cbn * 8;
   if (V::store8x8(a, b, oy, ox0, co0, np, nco, P, tile, tile_stride)) return;
-  float* ob = a.out + b * a.o_b + oy * a.o_y;
+  const int64_t row = b * a.o_b + oy * a.o_y;
   const float* eb = a.bterm + oy * a.e_y;
   for (int64_t j = 0; j < nco; ++j) {
     const int64_t co = co0 + j;
-    for (int64_t p = 0; p < np; ++p) {
-      const int64_t at = co * a.o_co + (ox0 + p) * a.o_x;
-      float v = eb[co * a.e_co + (ox0 + p) * a.e_x] + tile[p * tile_stride + j];
-      if (a.residual) v += a.residual[b * a.o_b + oy * a.o_y + at];
-      ob[at] = a.relu && !(v > 0.f) ? 0.f : v;
-    }
+    for (int64_t p = 0; p < np; ++p)
+      epilogue<Scalar>(a, row + co * a.o_co + (ox0 + p) * a.o_x, eb + co * a.e_co + (ox0 + p) * a.e_x,
+                       tile[p * tile_stride + j]);
   }
 }
 

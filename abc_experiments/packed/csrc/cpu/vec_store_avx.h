@@ -28,29 +28,31 @@ static inline void transpose8x8_ps(__m256& r0, __m256& r1, __m256& r2, __m256& r
   r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-static inline __m256 relu8(const ConvArgs& a, __m256 v) { return a.relu ? _mm256_max_ps(v, _mm256_setzero_ps()) : v; }
-
-// One channel's 4 or 8 consecutive positions: out = relu?(bterm + row (+ residual)).
-static inline void store_row(const ConvArgs& a, int64_t at, const float* e, __m128 row) {
-  __m128 v = _mm_add_ps(_mm_loadu_ps(e), row);
-  if (a.residual) v = _mm_add_ps(v, _mm_loadu_ps(a.residual + at));
-  _mm_storeu_ps(a.out + at, a.relu ? _mm_max_ps(v, _mm_setzero_ps()) : v);
-}
-static inline void store_row(const ConvArgs& a, int64_t at, const float* e, __m256 row) {
-  __m256 v = _mm256_add_ps(_mm256_loadu_ps(e), row);
-  if (a.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(a.residual + at));
-  _mm256_storeu_ps(a.out + at, relu8(a, v));
-}
+// The epilogue's vector widths (cpu/epilogue.h): 4 and 8 consecutive outputs of one channel.
+struct Lanes4 {
+  using T = __m128;
+  static inline T load(const float* p) { return _mm_loadu_ps(p); }
+  static inline T add(T x, T y) { return _mm_add_ps(x, y); }
+  static inline T relu(T x) { return _mm_max_ps(x, _mm_setzero_ps()); }
+  static inline void store(float* p, T x) { _mm_storeu_ps(p, x); }
+};
+struct Lanes8 {
+  using T = __m256;
+  static inline T load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline T add(T x, T y) { return _mm256_add_ps(x, y); }
+  static inline T relu(T x) { return _mm256_max_ps(x, _mm256_setzero_ps()); }
+  static inline void store(float* p, T x) { _mm256_storeu_ps(p, x); }
+};
 
 // rows[j] (j < count): the positions ox0... of output channel co0 + j.
-template <class Row>
+template <class Lanes>
 static inline void store_rows(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t count,
-                              const Row (&rows)[8]) {
+                              const typename Lanes::T (&rows)[8]) {
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) {  // unrolled: rows[j] stays in registers
     if (j >= count) break;
     const int64_t co = co0 + j;
-    store_row(a, b * a.o_b + co * a.o_co + oy * a.o_y + ox0, a.bterm + co * a.e_co + oy * a.e_y + ox0, rows[j]);
+    epilogue<Lanes>(a, b * a.o_b + co * a.o_co + oy * a.o_y + ox0, a.bterm + co * a.e_co + oy * a.e_y + ox0, rows[j]);
   }
 }
 
@@ -60,14 +62,10 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
   if (a.o_co == 1 && a.e_co == 1 && a.e_x == 0 && a.e_y == 0) {  // linear layer: channels contiguous
     const int64_t full = nco / 8 * 8;
     for (int64_t p = 0; p < np; ++p) {
-      float* o = a.out + b * a.o_b + oy * a.o_y + (ox0 + p) * a.o_x + co0;
+      const int64_t at = b * a.o_b + oy * a.o_y + (ox0 + p) * a.o_x + co0;
       const float* t = tile + p * tile_stride;
-      for (int64_t j = 0; j < full; j += 8)
-        _mm256_storeu_ps(o + j, relu8(a, _mm256_add_ps(_mm256_loadu_ps(a.bterm + co0 + j), _mm256_loadu_ps(t + j))));
-      for (int64_t j = full; j < nco; ++j) {
-        const float v = a.bterm[co0 + j] + t[j];
-        o[j] = a.relu && !(v > 0.f) ? 0.f : v;
-      }
+      for (int64_t j = 0; j < full; j += 8) epilogue<Lanes8>(a, at + j, a.bterm + co0 + j, _mm256_loadu_ps(t + j));
+      for (int64_t j = full; j < nco; ++j) epilogue<Scalar>(a, at + j, a.bterm + co0 + j, t[j]);
     }
     return true;
   }
@@ -81,7 +79,7 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
       const __m128 rows[8] = {_mm256_castps256_ps128(u0), _mm256_castps256_ps128(u1), _mm256_castps256_ps128(u2),
                               _mm256_castps256_ps128(u3), _mm256_extractf128_ps(u0, 1), _mm256_extractf128_ps(u1, 1),
                               _mm256_extractf128_ps(u2, 1), _mm256_extractf128_ps(u3, 1)};
-      store_rows(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
+      store_rows<Lanes4>(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
     }
     return true;
   }
@@ -93,7 +91,7 @@ static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_
     __m256 r6 = _mm256_loadu_ps(tile + 6 * tile_stride + j0), r7 = _mm256_loadu_ps(tile + 7 * tile_stride + j0);
     transpose8x8_ps(r0, r1, r2, r3, r4, r5, r6, r7);  // r_j: 8 positions of channel co0 + j0 + j
     const __m256 rows[8] = {r0, r1, r2, r3, r4, r5, r6, r7};
-    store_rows(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
+    store_rows<Lanes8>(a, b, oy, ox0, co0 + j0, nco - j0 < 8 ? nco - j0 : 8, rows);
   }
   return true;
 }
