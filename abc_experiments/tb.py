@@ -188,6 +188,7 @@ class Boards:
             "finetune_epochs": cfg["finetune"]["epochs"], "calibration_batches": cfg["abc"]["calibration"]["batches"],
             "distill_weight": cfg["finetune"].get("distill", {}).get("weight", 0.0),
             "distill_temperature": cfg["finetune"].get("distill", {}).get("temperature", 0.0),
+            "precise_bn": cfg["finetune"].get("precise_bn", 0),
             # Per-layer precision: abc.layers as one string ("" = uniform), and the averages over
             # the converted layers (M per binary weight, N per MAC; the global values when uniform).
             "layers": format_layer_precision(summary.abc.layers),

@@ -59,6 +59,22 @@ def test_precise_bn_leaves_training_alone_and_sets_the_statistics_of_the_epochs_
     assert precise_fit.history[0]["val_acc"] == val.acc
 
 
+def test_pipeline_records_precise_bn_in_the_summary_and_the_hparams(compose_cfg, tmp_path):
+    from helpers import TINY, read_summary
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from abc_experiments.pipeline import run
+
+    run(compose_cfg([*TINY, "finetune.precise_bn=2"], run_dir=tmp_path / "run"))
+    summary = read_summary(tmp_path / "run")
+    assert summary["config"]["finetune"]["precise_bn"] == 2
+    accumulator = EventAccumulator(str(tmp_path / "run" / "tb" / "abc")).Reload()
+    content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["precise_bn"].number_value == 2
+
+
 def test_precise_bn_is_range_checked_and_recorded(compose_cfg):
     from abc_experiments.config import ConfigError, validate
 
