@@ -44,6 +44,42 @@ def run_cli(args, cwd, timeout=300, env=None, name: str = "abc-run"):
                           timeout=timeout, env=environment)
 
 
+def train_tiny_stage(checkpoint_dir: Path, criterion=None, batch_size: int = 32, **settings):
+    """``train_stage("finetune", ...)`` of a small conv + BatchNorm net on 96 random 1x8x8 images of
+    3 classes (train = val = test = calib), 2 epochs of Adam by default (``settings`` override the
+    stage config). ``criterion``: called with a copy of the untrained net (a teacher), or None.
+
+    Returns:
+        (the trained model, the :class:`FitResult`, the loaders, the teacher or None).
+    """
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from abc_experiments.data.datasets import DataSplits
+    from abc_experiments.data.loaders import build_loaders
+    from abc_experiments.training import StageEnvironment, train_stage
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(96, 1, 8, 8), torch.randint(0, 3, (96,))
+    data = TensorDataset(images, labels)
+    splits = DataSplits(name="tiny", train=data, val=data, test=data, in_channels=1, image_size=8, num_classes=3,
+                        calib=data)
+    loaders = build_loaders(splits, batch_size=batch_size, eval_batch_size=96, num_workers=0, device="cpu", seed=0)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    teacher = copy.deepcopy(model) if criterion else None
+    stage = dict(epochs=2, steps_per_epoch=None, optimizer="adam", lr=1e-2, weight_decay=0.0, momentum=0.9,
+                 schedule="cosine", step_size=1, gamma=0.1, divergence_factor=0.0)
+    cfg = type("Cfg", (), {**stage, **settings})()
+    env = StageEnvironment(device=torch.device("cpu"), checkpoint_dir=checkpoint_dir, progress=False)
+    checkpoint_dir.mkdir(parents=True)
+    writer = type("W", (), {"add_scalar": lambda *a, **k: None, "flush": lambda *a: None})()
+    fit = train_stage("finetune", model, loaders, cfg, env, writer, seed=0,
+                      criterion=criterion(teacher) if criterion else None)
+    return model, fit, loaders, teacher
+
+
 def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

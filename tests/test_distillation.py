@@ -3,18 +3,16 @@ identical to plain cross-entropy, and the pipeline wiring (recorded, changes the
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, read_summary
+from helpers import TINY, read_summary, train_tiny_stage
 from torch import nn
 
 from abc_experiments.distillation import DistillationCriterion, distillation_loss
 from abc_experiments.pipeline import run
-from abc_experiments.training import StageEnvironment, train_stage
 
 
 def reference_loss(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray, weight: float, t: float) -> float:
@@ -54,27 +52,7 @@ def test_bad_weight_or_temperature_is_refused():
 
 
 def _train(tmp_path, criterion, name):
-    from torch.utils.data import TensorDataset
-
-    from abc_experiments.data.datasets import DataSplits
-    from abc_experiments.data.loaders import build_loaders
-
-    torch.manual_seed(0)
-    images, labels = torch.randn(96, 1, 8, 8), torch.randint(0, 3, (96,))
-    data = TensorDataset(images, labels)
-    splits = DataSplits(name="tiny", train=data, val=data, test=data, in_channels=1, image_size=8, num_classes=3,
-                        calib=data)
-    loaders = build_loaders(splits, batch_size=32, eval_batch_size=96, num_workers=0, device="cpu", seed=0)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    teacher = copy.deepcopy(model)
-    cfg = type("Cfg", (), dict(epochs=2, steps_per_epoch=None, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                               momentum=0.9, schedule="cosine", step_size=1, gamma=0.1, divergence_factor=0.0))()
-    env = StageEnvironment(device=torch.device("cpu"), checkpoint_dir=tmp_path / name, progress=False)
-    (tmp_path / name).mkdir()
-    writer = type("W", (), {"add_scalar": lambda *a, **k: None, "flush": lambda *a: None})()
-    fit = train_stage("finetune", model, loaders, cfg, env, writer, seed=0,
-                      criterion=criterion(teacher) if criterion else None)
+    model, fit, _loaders, teacher = train_tiny_stage(tmp_path / name, criterion)
     return model, fit, teacher
 
 

@@ -5,32 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from helpers import train_tiny_stage
 
-from abc_experiments.training import StageEnvironment, evaluate, train_stage
+from abc_experiments.training import evaluate
 
 
 def _fit(tmp_path, name: str, precise_bn: int):
-    from torch.utils.data import TensorDataset
-
-    from abc_experiments.data.datasets import DataSplits
-    from abc_experiments.data.loaders import build_loaders
-
-    torch.manual_seed(0)
-    images, labels = torch.randn(96, 1, 8, 8), torch.randint(0, 3, (96,))
-    data = TensorDataset(images, labels)
-    splits = DataSplits(name="tiny", train=data, val=data, test=data, in_channels=1, image_size=8, num_classes=3,
-                        calib=data)
-    loaders = build_loaders(splits, batch_size=16, eval_batch_size=96, num_workers=0, device="cpu", seed=0)
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
-    cfg = type("Cfg", (), dict(epochs=1, steps_per_epoch=None, optimizer="adam", lr=3e-2, weight_decay=0.0,
-                               momentum=0.9, schedule="cosine", step_size=1, gamma=0.1, divergence_factor=0.0,
-                               precise_bn=precise_bn))()
-    env = StageEnvironment(device=torch.device("cpu"), checkpoint_dir=tmp_path / name, progress=False)
-    (tmp_path / name).mkdir()
-    writer = type("W", (), {"add_scalar": lambda *a, **k: None, "flush": lambda *a: None})()
-    fit = train_stage("finetune", model, loaders, cfg, env, writer, seed=0)
+    model, fit, loaders, _ = train_tiny_stage(tmp_path / name, batch_size=16, epochs=1, lr=3e-2, precise_bn=precise_bn)
     return model, fit, loaders
 
 
