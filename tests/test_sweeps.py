@@ -159,8 +159,11 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     """torchrun, gloo, 2 CPU processes with batch 64 each against 1 process with batch 128.
 
     Tolerance: 5 accuracy points. The runs differ legitimately: BatchNorm statistics are per
-    process (no SyncBatchNorm) and the sharded epoch is padded to an even length."""
-    common = [o for o in TINY if "batch_size" not in o] + ["pretrain.epochs=3", "finetune.epochs=2"]
+    process (no SyncBatchNorm) and the sharded epoch is padded to an even length. Fine-tuning
+    re-estimates the BatchNorm statistics before each validation (finetune.precise_bn: each rank on
+    its shard, then averaged over the ranks)."""
+    common = [o for o in TINY if "batch_size" not in o] + ["pretrain.epochs=3", "finetune.epochs=2",
+                                                           "finetune.precise_bn=2"]
     single = run_cli([*common, "pretrain.batch_size=128", "finetune.batch_size=128",
                       f"hydra.run.dir={tmp_path / 'single'}", f"cache_dir={tmp_path / 'c1'}"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
