@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import CheckpointError, ResumeRefusedError, atomic_save, load_checkpoint, load_model_state
 from .distributed import DistributedContext
-from .nn.calibrate import recalibrate_batchnorm
+from .nn.calibrate import batchnorms, recalibrate_batchnorm
 from .progress import INTERVAL_S, Progress
 from .settings import setting_differences
 from .tb import STEP_LOSS, log_epoch
@@ -294,6 +294,7 @@ class StageTrainer:
         self.last_path = env.checkpoint_dir / f"{stage}_last.pt"
         self.best_path = env.checkpoint_dir / f"{stage}_best.pt"
         self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.precise_bn = int(getattr(cfg, "precise_bn", 0) or 0)  # fine-tuning only (pretraining has no such key)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.history: list[dict] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -413,7 +414,7 @@ class StageTrainer:
         alphas), so validation, model selection and the kept checkpoints see statistics of the
         weights as they are, not running averages of weights that moved. Under DDP each rank uses its
         own shard's batches and the statistics are averaged over the ranks."""
-        batches = int(getattr(self.cfg, "precise_bn", 0) or 0)
+        batches = self.precise_bn
         if batches <= 0:
             return
         loader = self.loaders["train"]
@@ -431,17 +432,16 @@ class StageTrainer:
         finally:
             self.model.train(was_training)
         if self.ctx.world_size > 1:
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for module in batchnorms(self.model):
+                if module.running_mean is not None:
                     for buffer in (module.running_mean, module.running_var):
                         buffer.copy_(self.ctx.sum(buffer.detach().float()).to(buffer) / self.ctx.world_size)
 
     def fit(self) -> list[dict]:
         """Train the remaining epochs; returns the history (one record per epoch)."""
-        precise = int(getattr(self.cfg, "precise_bn", 0) or 0)
-        if precise > 0 and self.epoch < self.cfg.epochs:
+        if self.precise_bn > 0 and self.epoch < self.cfg.epochs:
             log.info("%s: BatchNorm statistics re-estimated on %d training batches before each validation "
-                     "(%s.precise_bn)", self.stage, precise, self.stage)
+                     "(%s.precise_bn)", self.stage, self.precise_bn, self.stage)
         while self.epoch < self.cfg.epochs:
             lr = self.optimizer.param_groups[0]["lr"]
             started = time.perf_counter()

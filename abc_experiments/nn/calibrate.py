@@ -73,7 +73,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: list[Tensor]) -> int:
     Returns:
         The number of BatchNorm layers re-estimated.
     """
-    norms = _batchnorms(model)
+    norms = batchnorms(model)
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -165,7 +165,8 @@ def _calibrate_layer(layer: ABCLayer, values: Tensor, max_samples: int, iteratio
     return layer.activation_error()
 
 
-def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``model``, in ``modules()`` order."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -188,7 +189,7 @@ def _one_pass(model: nn.Module, layers: list[tuple[str, ABCLayer]], inputs: list
             if progress is not None:
                 progress(name)
 
-    norms = _batchnorms(model) if batchnorm and batchnorm_in_pass else []
+    norms = batchnorms(model) if batchnorm and batchnorm_in_pass else []
     momenta = [norm.momentum for norm in norms]
     hooks = [layer.register_forward_pre_hook(fit_on_arrival) for _, layer in layers]
     try:

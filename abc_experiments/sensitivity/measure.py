@@ -377,7 +377,8 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
         seed_stage(int(config.seed), "convert")
         return model, calibrate(model, inputs, **calibration)
 
-    def accuracy(model: nn.Module, what: str):
+    def metrics(model: nn.Module, what: str):
+        """Validation loss and accuracy."""
         return evaluate(model, val_loader, torch_device, precision, channels_last, description=what)
 
     # The conversion as the run did it, before calibration: the template every variant takes its layers from.
@@ -393,11 +394,11 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
     log.info("sensitivity of %d converted layer(s) of %s: %d calibration batches, %d validation images, "
              "'all but' calibration %s", count, run_dir, len(inputs), len(val_loader.dataset),
              "exact" if exact else "reused from the all-converted model")
-    fp = accuracy(fp_model, "sensitivity: FP model")
+    fp = metrics(fp_model, "sensitivity: FP model")
     fp_acc = fp.acc
     bar.update(1, model="FP")
     full, _ = calibrated(copy.deepcopy(template))
-    every = accuracy(full, "sensitivity: all converted")
+    every = metrics(full, "sensitivity: all converted")
     all_acc = every.acc
     bar.update(1, model="all converted")
     log.info("FP model: %.2f%%, all %d converted: %.2f%% (the run measured %s and %s)", fp_acc, count, all_acc,
@@ -409,7 +410,7 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
         abc_layer = full.get_submodule(name)
         only = copy.deepcopy(fp_model)
         _swap(only, name, copy.deepcopy(template.get_submodule(name)))
-        only_result = accuracy(calibrated(only)[0], f"sensitivity: only {name}")
+        only_result = metrics(calibrated(only)[0], f"sensitivity: only {name}")
         bar.update(1, model=f"only {name}")
         if count == 1:
             all_but_result = fp  # nothing converted: the FP model itself
@@ -423,7 +424,7 @@ def layer_sensitivity(run_dir: str | Path, *, batches: int | None = None, device
                     recalibrate_batchnorm(all_but, inputs)
                     if fp_statistics is not None:  # as the run: relative to the FP statistics
                         correct_batchnorm_to_reference(all_but, *fp_statistics)
-            all_but_result = accuracy(all_but, f"sensitivity: all but {name}")
+            all_but_result = metrics(all_but, f"sensitivity: all but {name}")
         bar.update(1, model=f"all but {name}")
         layer = LayerSensitivity(
             name=name, kind=type(abc_layer).__name__, M=abc_layer.M, N=abc_layer.N, macs=macs.get(name, 0),
