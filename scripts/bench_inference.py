@@ -5,7 +5,8 @@ Measures (all interleaved: the candidates take turns within every repetition, me
 * layers 64→64 3×3 on 32×32 (pad 1), 64→64 3×3 on 56×56 (pad 1), 32→64 5×5 on 14×14 (pad 2), at
   batch 1 and 32, on 1 and 2 threads: ``F.conv2d`` vs packed ABC (1,1), (3,3), (5,5) on every
   native kernel path this CPU runs (the time includes binarizing and packing the input), and
-  where the time of one ABC(1,1) layer goes (call overhead, packing, epilogue, loop);
+  where the time of one ABC(1,1) layer goes (call overhead, packing, epilogue, loop); the same
+  layers at batch 1 with channels_last inputs (the packed layer then runs channels-last);
 * whole models seed_cnn (linear=True, 1×28×28) and resnet20 (3×32×32), converted and calibrated on
   random data: float vs packed ABC(1,1) and (3,3) (``pack_model``, which folds the BatchNorms that
   follow packed convs), each also with its residual additions and ReLUs fused into the packed convs
@@ -112,6 +113,40 @@ def bench_layers(isas, batches, threads, repeats) -> list[dict]:
                 print(f"  {lname:16s} batch {batch:2d} threads {t}: float {medians['float']:8.3f} ms | "
                       + " | ".join(f"{isa} ({p[0]},{p[1]}) ×{medians['float'] / medians[f'{isa} {p}']:.2f}"
                                    for isa in isas for p in PAIRS), flush=True)
+    return rows
+
+
+def bench_channels_last(isa, repeats) -> list[dict]:
+    """The layers at batch 1 on one thread with a channels_last input (the packed layer then runs
+    channels-last, as a chain does: its stores and packing need no transposes), against F.conv2d on
+    the NCHW and on the channels_last input."""
+    rows = []
+    torch.set_num_threads(1)
+    for lname, (cin, cout, k, pad, size) in LAYERS.items():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(cin, cout, k, padding=pad, bias=False)
+        pairs = ((1, 1), (3, 3))
+        packed = {pair: P.PackedABCConv2d.from_abc(ABCConv2d.from_conv(conv, *pair).eval()) for pair in pairs}
+        x = torch.relu(torch.randn(1, cin, size, size))
+        xc = x.contiguous(memory_format=torch.channels_last)
+        fns = {"float": lambda: F.conv2d(x, conv.weight, None, 1, pad),
+               "float channels_last": lambda: F.conv2d(xc, conv.weight, None, 1, pad)}
+        for pair, layer in packed.items():
+            fns[f"{pair} NCHW"] = lambda layer=layer: layer(x)
+            fns[f"{pair} channels_last"] = lambda layer=layer: layer(xc)
+        with P.use_isa(isa):
+            m = interleaved(fns, repeats)
+        for pair in pairs:
+            rows.append({"layer": lname, "isa": isa, "M": pair[0], "N": pair[1], "float_ms": m["float"],
+                         "float_channels_last_ms": m["float channels_last"], "packed_ms": m[f"{pair} NCHW"],
+                         "packed_channels_last_ms": m[f"{pair} channels_last"],
+                         "speedup": m["float"] / m[f"{pair} channels_last"],
+                         "speedup_same_format": m["float channels_last"] / m[f"{pair} channels_last"]})
+        fl, flc = m["float"], m["float channels_last"]
+        print(f"  {lname:16s}: float {fl:.3f} ms (channels_last {flc:.3f}) | "
+              + " | ".join(f"ABC{p[0], p[1]} NCHW ×{fl / m[f'{p} NCHW']:.2f}, channels_last "
+                           f"×{fl / m[f'{p} channels_last']:.2f} (×{flc / m[f'{p} channels_last']:.2f} "
+                           "against channels_last float)" for p in pairs), flush=True)
     return rows
 
 
@@ -337,8 +372,10 @@ def main(argv=None) -> int:
           "with other jobs: absolute times are noisy, compare ratios (interleaved medians).")
     print("\nLayers (time includes binarizing and packing the input):")
     layer_rows = bench_layers(isas, (1,) if args.quick else (1, 32), (1, 2), repeats)
-    breakdown = None
+    breakdown, channels_last = None, None
     if best != "reference":
+        print(f"\nLayers on channels_last inputs ({best}, batch 1, 1 thread):")
+        channels_last = bench_channels_last(best, repeats)
         print(f"\nBreakdown of one packed layer ({best}):")
         breakdown = layer_breakdown(best, repeats)
     print(f"\nWhole models ({best}):")
@@ -361,7 +398,8 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
         "isas": isas, "available_isas": list(P.available_isas()), "load_average_before": load_before,
         "load_average_after": load_after, "shared_machine": True, "quick": args.quick, "repeats": repeats,
-        "layers": layer_rows, "breakdown": breakdown, "models": model_rows, "sizes": sizes, "mnist": mnist,
+        "layers": layer_rows, "channels_last": channels_last,
+        "breakdown": breakdown, "models": model_rows, "sizes": sizes, "mnist": mnist,
         "targets": targets,
     }, indent=2))
     print(f"wrote {out}")

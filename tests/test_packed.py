@@ -175,8 +175,34 @@ def test_activation_packing(isa):
     expected = torch.zeros(2, 7, 17, 3, 2, dtype=torch.int64)
     expected[:, 1:6, 2:15] = _bits.pack_words(bits.permute(1, 3, 4, 0, 2))
     assert torch.equal(words, expected)
+    channels_last = x.contiguous(memory_format=torch.channels_last)  # the chain's form: the same words
+    assert torch.equal(P.ops.pack_activations(channels_last, shifts, (1, 2), isa=isa), expected)
     rows = P.ops.pack_rows(x[:, :, 0, 0].contiguous(), shifts, isa=isa)
     assert torch.equal(rows, _bits.pack_words(bits[:, :, :, 0, 0].permute(1, 0, 2)))
+
+
+@pytest.mark.parametrize("isa", NATIVE)
+def test_a_channels_last_input_gives_a_channels_last_output_with_the_same_numbers(isa):
+    """As F.conv2d: the output follows the input's memory format; the numbers are the NCHW path's
+    bit for bit, with a residual given in either layout and the ReLU."""
+    g = torch.Generator().manual_seed(4)
+    layer = ABCConv2d.from_conv(nn.Conv2d(24, 20, 3, padding=1), 2, 3).eval()
+    randomize_activations(layer, g)
+    packed = P.PackedABCConv2d.from_abc(layer)
+    packed.relu = True
+    x = torch.randn(2, 24, 7, 9, generator=g)
+    residual = torch.randn(2, 20, 7, 9, generator=g)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), P.use_isa(isa):
+        expected, expected_res = packed(x), packed(x, residual)
+        for _ in range(2):  # the first call checks, the second takes the cached fast path
+            got = packed(x_cl)
+            assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, expected)
+        for r in (residual, residual.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(packed(x_cl, r), expected_res)
+        wide = torch.zeros(2, 24, 7, 18)
+        wide[..., ::2] = x
+        assert torch.equal(packed(wide[..., ::2]), expected)  # neither layout: made NCHW first
 
 
 @RunIf(packed_kernels=True)
@@ -214,7 +240,9 @@ def test_op_wrappers_check_inputs():
     with pytest.raises(TypeError, match="float32"):
         P.ops.pack_activations(torch.zeros(1, 2, 3, 3, dtype=torch.float64), shifts, isa="portable")
     with pytest.raises(ValueError, match="contiguous"):
-        P.ops.pack_activations(torch.zeros(1, 3, 3, 2).permute(0, 3, 1, 2), shifts, isa="portable")
+        P.ops.pack_activations(torch.zeros(1, 3, 3, 2).permute(0, 3, 2, 1), shifts, isa="portable")  # neither
+    with pytest.raises(ValueError, match="contiguous"):
+        P.ops.pack_activations(torch.zeros(1, 2, 3, 6)[..., ::2], shifts, isa="portable")
     with pytest.raises(ValueError, match="4-d"):
         P.ops.pack_activations(torch.zeros(2, 3, 3), shifts, isa="portable")
 

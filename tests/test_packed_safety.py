@@ -199,15 +199,16 @@ def test_a_shape_checked_once_skips_the_checks_only_for_that_shape_and_path():
     x = torch.rand(2, 20, 6, 6)
     with torch.no_grad(), P.use_isa(isa):
         first = layer(x)
-        assert (x.shape, isa) in layer._checked
+        assert (x.shape, x.stride(), isa) in layer._checked
         assert torch.equal(layer(x), first)
         for bad in (torch.rand(2, 19, 6, 6), torch.rand(2, 20, 6), torch.zeros(2, 20, 6, 6, dtype=torch.int32)):
             with pytest.raises(ValueError):
                 layer(bad)
-        assert torch.equal(layer(x.to(memory_format=torch.channels_last)), first)  # same shape, made contiguous
+        assert torch.equal(layer(x.to(memory_format=torch.channels_last)), first)  # same shape, run channels-last
+        assert torch.equal(layer(x.transpose(2, 3).contiguous().transpose(2, 3)), first)  # neither: made contiguous
     with torch.no_grad(), P.use_isa("reference"):
         reference = layer(x)  # the reference path, not the native call remembered for this shape
-        assert (x.shape, "reference") not in layer._checked
+        assert (x.shape, x.stride(), "reference") not in layer._checked
     assert torch.allclose(reference, first, rtol=1e-5, atol=1e-5)
     layer.load_state_dict(standalone_conv(k=3, padding=1, seed=1).state_dict())
     assert not layer._checked

@@ -61,6 +61,36 @@ def test_conv_tile_edges_bit_for_bit(isa):
 
 @RunIf(packed_isa="portable")
 @pytest.mark.parametrize("isa", NATIVE)
+def test_channels_last_tile_edges_bit_for_bit(isa):
+    """The conv operator on channels_last inputs (how a chain runs): its output is channels_last
+    and, with the border term in either layout, a residual and the ReLU, the NCHW portable output
+    bit for bit (the channels-contiguous store and the NHWC packing against the transposing ones)."""
+    failures = []
+    cases = itertools.product(OUT_CHANNELS, IN_CHANNELS, WIDTHS, PLANES)
+    for index, (cout, cin, width, (M, N)) in enumerate(cases):
+        stride = 2 if index % 7 == 0 else 1
+        packed = converted(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), M, N, seed=index)[0]
+        x = torch.rand(2, cin, 3, width)
+        op, args = packed._operator_args(3, width, isa)
+        bterm = args[2]
+        residual = torch.randn(2, cout, *bterm.shape[1:]) if index % 3 == 0 else None
+        relu = index % 2 == 0
+        with P.use_isa("portable"):
+            op_portable, args_portable = packed._operator_args(3, width, "portable")
+            expected = op_portable(x, *args_portable, relu, residual)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        r_cl = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
+        for layout in (bterm, bterm.permute(1, 2, 0).contiguous().permute(2, 0, 1)):
+            got = op(x_cl, *args[:2], layout, *args[3:], relu, r_cl)
+            # (an input dense in both orders, 1 channel or a 1x1 map, may give either, like F.conv2d)
+            dense = x_cl.is_contiguous() or got.is_contiguous(memory_format=torch.channels_last)
+            if not (dense and torch.equal(got, expected)):
+                failures.append((cout, cin, width, M, N, stride, layout.stride(), dense))
+    assert not failures, f"{len(failures)} cases differ from the portable NCHW path, e.g. {failures[:3]}"
+
+
+@RunIf(packed_isa="portable")
+@pytest.mark.parametrize("isa", NATIVE)
 def test_linear_tile_edges_bit_for_bit(isa):
     failures = []
     for index, (out, features, (M, N)) in enumerate(itertools.product(OUT_CHANNELS, (1, 63, 64, 65, 129), PLANES)):

@@ -165,8 +165,10 @@ class PackedConvChain(nn.Module):
     same numbers bit for bit), without the module call, Python and dispatcher work around it, which
     at batch 1 cost as much as a small layer's kernel. Values: the inputs, then each step's output;
     step i reads ``steps[i] = (input value, residual value or -1)``; the chain returns the values in
-    ``outputs``, as a tuple. Where the operator cannot run (the reference path, an input that is not
-    float32 on the CPU, a broadcast residual), the layers are called one by one instead."""
+    ``outputs``, as a tuple (the operator runs every step channels-last, which needs no transposes
+    in the kernels' stores and packing, and returns its outputs contiguous). Where the operator
+    cannot run (the reference path, an input that is not float32 on the CPU, a broadcast
+    residual), the layers are called one by one instead."""
 
     def __init__(self, layers: list[PackedABCConv2d], names: list[str], n_inputs: int,
                  steps: list[tuple[int, int]], outputs: list[int]):
@@ -187,7 +189,7 @@ class PackedConvChain(nn.Module):
             key = (isa, *(t.shape for t in inputs), *(layer.state_version for layer in self.layers))
             program = self._programs[key] if key in self._programs else self._program(key, inputs, isa)
             if program is not None:
-                return tuple(torch.ops.abc_packed.conv2d_chain.default([t.contiguous() for t in inputs], *program))
+                return tuple(torch.ops.abc_packed.conv2d_chain.default(list(inputs), *program))
         return self._run_layers(inputs)
 
     def _run_layers(self, inputs) -> tuple:
@@ -209,7 +211,7 @@ class PackedConvChain(nn.Module):
             except ValueError:
                 break  # the layer, called on its own, raises with its name and what it expects
             B, C, H, W = shapes[i]
-            _, args = layer._operator_args(H, W, isa)
+            _, args = layer._operator_args(H, W, isa, channels_last=True)  # the operator runs the chain so
             wk, coef, bterm, shifts, out_channels, kernel, stride, padding, dilation = args[:9]
             out_shape = (B, out_channels, *bterm.shape[1:])
             if r >= 0 and shapes[r] != out_shape:  # a broadcast addition: the layer handles it

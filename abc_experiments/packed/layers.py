@@ -324,9 +324,9 @@ class PackedABCConv2d(PackedABCLayer):
         if self.padding == "valid":
             self.padding = (0, 0)
         self._bterms: dict[tuple[int, int], Tensor] = {}
-        self._calls: dict[tuple[int, int, str], tuple] = {}  # _operator_args, per input size and path
-        # (input shape, path) -> _operator_args, for float32 CPU input shapes that passed every check
-        self._checked: dict[tuple[torch.Size, str], tuple] = {}
+        self._calls: dict[tuple[int, int, str, bool], tuple] = {}  # _operator_args, per size, path, layout
+        # (input shape, strides, path) -> _operator_args, for dense float32 CPU inputs that passed every check
+        self._checked: dict[tuple[torch.Size, tuple, str], tuple] = {}
         reasons = []
         if self.groups != 1:
             reasons.append(f"groups = {self.groups}")
@@ -495,9 +495,9 @@ class PackedABCConv2d(PackedABCLayer):
         if residual is None and type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu:
             # an input shape that passed every check before on this path (at batch 1 the checks and
             # argument building in Python cost as much as a small layer's binary loop)
-            checked = self._checked.get((x.shape, _ext.get_isa()))
+            checked = self._checked.get((x.shape, x.stride(), _ext.get_isa()))  # (a dense layout seen before)
             if checked is not None:
-                return checked[0](x if x.is_contiguous() else x.contiguous(), *checked[1], self.relu, None)
+                return checked[0](x, *checked[1], self.relu, None)
         self._check_input(x)
         if x.dtype != torch.float32:
             if isinstance(residual, Tensor) and residual.is_floating_point():
@@ -511,27 +511,37 @@ class PackedABCConv2d(PackedABCLayer):
                                                          and residual.dtype == torch.float32
                                                          and residual.device == x.device)):
             return self.reference_forward(x, residual)  # adds a non-tensor "residual" (a number) as the graph did
-        op, args = self._operator_args(x.shape[2], x.shape[3], isa)
+        # a channels_last input runs channels-last (no transposes; the output channels_last, as
+        # F.conv2d's), with the border term in that layout; any other layout is made NCHW first
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if not (channels_last or x.is_contiguous()):
+            x = x.contiguous()
+        op, args = self._operator_args(x.shape[2], x.shape[3], isa, channels_last)
         if residual is None:
-            if x.is_cpu:  # (a CPU input of a checked shape: forward's fast path next time)
+            if x.is_cpu:  # (a CPU input of a checked shape and layout: forward's fast path next time)
                 if len(self._checked) >= CACHE_ENTRIES:
                     self._checked.clear()
-                self._checked[(x.shape, isa)] = (op, args)
-            return op(x.contiguous(), *args, self.relu, None)
+                self._checked[(x.shape, x.stride(), isa)] = (op, args)
+            return op(x, *args, self.relu, None)
         if residual.shape != (x.shape[0], *args[2].shape):  # a broadcast addition
-            out = op(x.contiguous(), *args, False, None) + residual
+            out = op(x, *args, False, None) + residual
             return torch.relu(out) if self.relu else out
-        return op(x.contiguous(), *args, self.relu, residual.contiguous())
+        return op(x, *args, self.relu, residual)  # (the operator copies it to the output's layout if needed)
 
-    def _operator_args(self, H: int, W: int, isa: str) -> tuple:
+    def _operator_args(self, H: int, W: int, isa: str, channels_last: bool = False) -> tuple:
         """(operator, its arguments after the input up to the ISA code) for an H×W input: built once
-        per input size and path (at batch 1 the Python around a small layer's call costs as much as
-        its kernel; the operator's C++ side checks every argument on every call)."""
-        key = (H, W, isa)
+        per input size, path and layout (at batch 1 the Python around a small layer's call costs as
+        much as its kernel; the operator's C++ side checks every argument on every call).
+        ``channels_last``: the border term laid out as (OH, OW, C_out) in memory, which a
+        channels-last output reads 8 channels at a time."""
+        key = (H, W, isa, channels_last)
         args = self._calls.get(key)
         if args is None:
+            bterm = self.border_term(H, W)
+            if channels_last:
+                bterm = bterm.permute(1, 2, 0).contiguous().permute(2, 0, 1)
             args = (torch.ops.abc_packed.conv2d.default,
-                    (self._wk, self._coef, self.border_term(H, W), self.shifts, self.out_channels,
+                    (self._wk, self._coef, bterm, self.shifts, self.out_channels,
                      list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                      self.K / 2, _ext.ISA_CODES[isa]))
             if len(self._calls) >= CACHE_ENTRIES:

@@ -32,8 +32,9 @@ def _check_input(x: Tensor, dims: int, what: str) -> None:
         raise TypeError(f"{what}: expected float32 input, got {x.dtype} (convert with .float())")
     if x.dim() != dims:
         raise ValueError(f"{what}: expected a {dims}-d input, got shape {tuple(x.shape)}")
-    if not x.is_contiguous():
-        raise ValueError(f"{what}: the input must be contiguous (call .contiguous() first)")
+    if not (x.is_contiguous() or (dims == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        raise ValueError(f"{what}: the input must be contiguous (call .contiguous() first)"
+                         + (" or channels_last" if dims == 4 else ""))
 
 
 def _check_shifts(shifts: Tensor) -> None:
@@ -43,8 +44,9 @@ def _check_shifts(shifts: Tensor) -> None:
 
 
 def pack_activations(x: Tensor, shifts: Tensor, padding: Sequence[int] = (0, 0), isa: str | None = None) -> Tensor:
-    """Binarize an NCHW float32 input at every shift and pack it: (B, H+2ph, W+2pw, N, ceil(C/64))
-    int64 words; bit c % 64 of word c // 64 is 1 iff x[b, c, y, x] + shifts[n] >= 0.5 (padding: 0)."""
+    """Binarize an NCHW float32 input (contiguous or channels_last) at every shift and pack it:
+    (B, H+2ph, W+2pw, N, ceil(C/64)) int64 words; bit c % 64 of word c // 64 is 1 iff
+    x[b, c, y, x] + shifts[n] >= 0.5 (padding: 0)."""
     _check_input(x, 4, "pack_activations")
     _check_shifts(shifts)
     return torch.ops.abc_packed.pack_nchw(x, shifts, int(padding[0]), int(padding[1]), _isa_code(isa))
@@ -60,7 +62,8 @@ def pack_rows(x: Tensor, shifts: Tensor, isa: str | None = None) -> Tensor:
 def packed_conv2d(x: Tensor, wk: Tensor, coef: Tensor, bterm: Tensor, shifts: Tensor, out_channels: int,
                   kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                   half_k: float, isa: str | None = None) -> Tensor:
-    """Binarize-and-pack ``x`` (NCHW float32) and run the binary convolution; see ``csrc/packed_ops.h``."""
+    """Binarize-and-pack ``x`` (NCHW float32, contiguous or channels_last; the output has the input's
+    memory format) and run the binary convolution; see ``csrc/packed_ops.h``."""
     _check_input(x, 4, "packed_conv2d")
     _check_shifts(shifts)
     return torch.ops.abc_packed.conv2d(x, wk, coef, bterm, shifts, out_channels, list(kernel), list(stride),

@@ -21,13 +21,16 @@ inline constexpr int64_t kIsaCount = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
 // Which ISAs this CPU (and OS) can run: bit 0 AVX2, bit 1 AVX-512 F/BW/DQ/VL + VPOPCNTDQ.
 int cpu_features();
 
-// NCHW float input -> packed bits (B, Hp, Wp, N, Wc), `out` zero-filled by the caller.
+// (B, C, H, W) float input -> packed bits (B, Hp, Wp, N, Wc), `out` zero-filled by the caller.
+// The input is dense in NCHW order or, with `channels_last`, in NHWC order (torch.channels_last:
+// a pixel's C channels side by side, so a byte of the packed word is one compare of 8 neighbours).
 struct PackArgs {
   const float* x;
   int64_t B, C, H, W;
   const float* shifts;  // (N,): bit n of a value x is (x + shifts[n] >= 0.5f), as the float layer computes it
   int64_t N, ph, pw, Hp, Wp, Wc;
   uint64_t* out;
+  bool channels_last = false;
 };
 
 // Row-major (R, F) float input -> packed bits (R, N, Wc), `out` zero-filled by the caller.
@@ -41,6 +44,9 @@ struct RowPackArgs {
 
 // Binary convolution of packed activations with packed weights; writes
 //   out[b, co, oy, ox] = bterm[co, oy, ox] + sum_{m,n} coef[m, n, co] * (popcount(xor) - K/2)
+// at the offsets given by out's and bterm's strides (any; the AVX stores have fast paths for
+// NCHW outputs with bterm (C, OH, OW) and for channels-last outputs with bterm (OH, OW, C) in
+// memory, where a tile's 8 channels go out as one contiguous vector)
 // (then + residual[b, co, oy, ox] if given, then max(., 0) with `relu`; a following BatchNorm is
 // folded into coef and bterm by the caller)
 // (centred counts: both terms stay of the output's magnitude, no cancellation of large numbers)

@@ -1,6 +1,8 @@
 // Operator registration (TORCH_LIBRARY "abc_packed") and argument checks for the packed ABC
-// kernels. Tensors come in and go out without copies: inputs must already be contiguous float32
-// (the Python wrappers in abc_experiments/packed/ops.py check them and say what is wrong).
+// kernels. Tensors come in and go out without copies: inputs must already be dense float32, in
+// NCHW order or (4-d inputs of the conv operators) torch.channels_last, whose output then is
+// channels_last too, as F.conv2d's (the Python wrappers in abc_experiments/packed/ops.py check
+// them and say what is wrong).
 // Every operator entry checks all of its preconditions (TORCH_CHECK: a RuntimeError in Python)
 // before any kernel reads memory: devices, dtypes, ranks, the input's channel count against the
 // packed weights (K = C_in kh kw = 2 half_k), sizes against the kernel; an empty batch returns an
@@ -29,11 +31,29 @@ Isa checked_isa(int64_t isa) {
   return static_cast<Isa>(isa);
 }
 
-void check_float_input(const at::Tensor& x, int64_t dim, const char* what) {
+// A 4-d tensor dense in channels-last order that torch takes for channels_last (a tensor dense in
+// both orders, with C == 1 or H == W == 1, by its strides, as F.conv2d decides its output's format;
+// its memory is the same in both orders).
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// `channels_last`: a 4-d input may also be dense in channels-last order.
+void check_float_input(const at::Tensor& x, int64_t dim, const char* what, bool channels_last = false) {
   TORCH_CHECK(x.device().is_cpu(), "abc_packed: ", what, " must be on the CPU, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "abc_packed: ", what, " must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == dim, "abc_packed: ", what, " must have ", dim, " dimensions, got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "abc_packed: ", what, " must be contiguous");
+  TORCH_CHECK(x.is_contiguous() || (channels_last && is_channels_last(x)), "abc_packed: ", what,
+              " must be contiguous", channels_last ? " (NCHW or channels_last)" : "");
+}
+
+// The same sizes, and the same strides wherever a size exceeds 1: the same element at each offset.
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
 }
 
 void check_shifts(const at::Tensor& shifts) {
@@ -43,7 +63,7 @@ void check_shifts(const at::Tensor& shifts) {
 }
 
 at::Tensor pack_nchw_op(const at::Tensor& x, const at::Tensor& shifts, int64_t pad_h, int64_t pad_w, int64_t isa) {
-  check_float_input(x, 4, "input");
+  check_float_input(x, 4, "input", /*channels_last=*/true);
   check_shifts(shifts);
   TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "abc_packed: negative padding");
   const Isa code = checked_isa(isa);
@@ -52,7 +72,7 @@ at::Tensor pack_nchw_op(const at::Tensor& x, const at::Tensor& shifts, int64_t p
   at::Tensor out = at::zeros({B, Hp, Wp, N, Wc}, x.options().dtype(at::kLong));
   if (x.numel() == 0) return out;  // nothing to binarize (an empty batch or image): padding stays 0
   PackArgs args{x.data_ptr<float>(), B, C, H, W, shifts.data_ptr<float>(), N, pad_h, pad_w, Hp, Wp, Wc,
-                reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>())};
+                reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()), is_channels_last(x)};
   pack_nchw(code, args);
   return out;
 }
@@ -110,7 +130,7 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
               "abc_packed: conv2d: kernel, stride and dilation must be >= 1 and padding >= 0, got kernel ", kernel,
               ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
   TORCH_CHECK(out_channels >= 1, "abc_packed: conv2d: out_channels = ", out_channels, " must be >= 1");
-  check_float_input(x, 4, "conv2d input");
+  check_float_input(x, 4, "conv2d input", /*channels_last=*/true);
   check_shifts(shifts);
   check_channels(x, kernel[0], kernel[1], half_k, "conv2d");
   TORCH_CHECK(x.size(2) + 2 * padding[0] >= dilation[0] * (kernel[0] - 1) + 1 &&
@@ -134,25 +154,38 @@ at::Tensor conv2d_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
     Wp = Wq, Wc = Wr, kw = 1, dw = 1;
   }
   check_weights(wk, coef, N, Wc, kh, kw, out_channels);
-  TORCH_CHECK(bterm.device().is_cpu() && bterm.scalar_type() == at::kFloat && bterm.is_contiguous() &&
-                  bterm.dim() == 3 && bterm.size(0) == out_channels && bterm.size(1) == OH && bterm.size(2) == OW,
-              "abc_packed: border term must be a contiguous float32 tensor (", out_channels, ", ", OH, ", ", OW,
-              "), got ", bterm.sizes());
-  at::Tensor out = at::empty({B, out_channels, OH, OW}, x.options());
+  // bterm (C_out, OH, OW): dense, either in that order or as (OH, OW, C_out) in memory (what a
+  // channels-last output reads 8 channels at a time from; the kernel follows the strides)
+  TORCH_CHECK(bterm.device().is_cpu() && bterm.scalar_type() == at::kFloat && bterm.dim() == 3 &&
+                  bterm.size(0) == out_channels && bterm.size(1) == OH && bterm.size(2) == OW &&
+                  (bterm.is_contiguous() || bterm.permute({1, 2, 0}).is_contiguous()),
+              "abc_packed: border term must be a dense float32 tensor (", out_channels, ", ", OH, ", ", OW,
+              "), contiguous or permuted from (OH, OW, C_out), got ", bterm.sizes(), " with strides ", bterm.strides());
+  const bool channels_last = is_channels_last(x);  // the output follows the input, as F.conv2d's
+  at::Tensor out = at::empty({B, out_channels, OH, OW},
+                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous));
   const float* res = nullptr;
+  at::Tensor res_copy;  // the residual in the output's memory layout where it came in another one
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.is_contiguous() && r.sizes() == out.sizes(),
-                "abc_packed: the residual must be a contiguous float32 CPU tensor of the output's shape ", out.sizes(),
-                ", got ", r.sizes());
-    res = r.data_ptr<float>();
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.sizes() == out.sizes(),
+                "abc_packed: the residual must be a float32 CPU tensor of the output's shape ", out.sizes(),
+                ", got ", r.scalar_type(), " ", r.sizes(), " on ", r.device());
+    if (same_layout(r, out)) {
+      res = r.data_ptr<float>();
+    } else {
+      res_copy = at::empty_like(out);
+      res_copy.copy_(r);
+      res = res_copy.data_ptr<float>();
+    }
   }
   if (B == 0) return out;  // an empty batch: an empty output, no kernel call
   ConvArgs args{reinterpret_cast<const uint64_t*>(xp.data_ptr<int64_t>()), B, Hp, Wp, N, Wc,
                 reinterpret_cast<const uint64_t*>(wk.data_ptr<int64_t>()), wk.size(0), wk.size(1), out_channels,
                 kh, kw, stride[0], stride[1], dilation[0], dw, OH, OW, coef.data_ptr<float>(),
-                bterm.data_ptr<float>(), OH * OW, OW, 1, out.data_ptr<float>(), out_channels * OH * OW, OH * OW,
-                OW, 1, static_cast<float>(half_k), relu, res};
+                bterm.data_ptr<float>(), bterm.stride(0), bterm.stride(1), bterm.stride(2), out.data_ptr<float>(),
+                out.stride(0), out.stride(1), out.stride(2), out.stride(3), static_cast<float>(half_k), relu, res};
   conv(code, args);
   return out;
 }
@@ -187,7 +220,8 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& wk, const at::Tensor
 // output. `program`: [steps, outputs, the output values..., then per step kStepInts ints:
 // out_channels, kh, kw, sh, sw, ph, pw, dh, dw, relu, input value, residual value (-1: none),
 // in_channels].
-// `tensors`: per step its wk, coef, bterm, shifts. Returns the output values, in order. Each step
+// `tensors`: per step its wk, coef, bterm, shifts (bterm best permuted from (OH, OW, C_out), the
+// layout of a channels-last output). Returns the output values, in order, contiguous (NCHW). Each step
 // is exactly the conv2d operator (same kernel, same arguments), and a value is freed after its
 // last use.
 constexpr int64_t kStepInts = 13;
@@ -221,7 +255,11 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
     }
   }
   std::vector<at::Tensor> value(values);
-  for (int64_t i = 0; i < n_in; ++i) value[i] = inputs[i];
+  // every step runs channels-last (the inputs converted once here, each output channels-last as its
+  // input): a tile's 8 output channels are 8 neighbouring floats, stored and binarized without a
+  // transpose; the values (outputs included) are the NCHW path's, bit for bit
+  for (int64_t i = 0; i < n_in; ++i)
+    value[i] = inputs[i].dim() == 4 ? inputs[i].contiguous(at::MemoryFormat::ChannelsLast) : inputs[i];
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t* p = program.data() + head + s * kStepInts;
     const at::Tensor& x = value[p[10]];
@@ -239,7 +277,9 @@ std::vector<at::Tensor> conv2d_chain_op(at::TensorList inputs, at::TensorList te
   }
   std::vector<at::Tensor> out;
   out.reserve(n_out);
-  for (int64_t i = 0; i < n_out; ++i) out.push_back(value[program[2 + i]]);
+  // NCHW again for what follows (a channels_last tensor would change the summation order of, say,
+  // the average pooling after a ResNet's body: the model's output would not be the same bits)
+  for (int64_t i = 0; i < n_out; ++i) out.push_back(value[program[2 + i]].contiguous());
   return out;
 }
 

@@ -66,8 +66,37 @@ static void pack_nchw_rows(const PackArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- binarize-and-pack, NHWC input (channels_last: a pixel's channels contiguous, no transpose) ----
+static void pack_nhwc_rows(const PackArgs& a, int64_t r0, int64_t r1) {
+  const int64_t H = a.H, W = a.W, C = a.C, N = a.N, Wc = a.Wc, full = C / 8;
+  const int64_t pix_bytes = N * Wc * 8;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / H, y = r % H;
+    uint8_t* orow = reinterpret_cast<uint8_t*>(a.out + ((b * a.Hp + y + a.ph) * a.Wp + a.pw) * N * Wc);
+    const float* xrow = a.x + (b * H + y) * W * C;
+    for (int64_t x = 0; x < W; ++x) {
+      const float* xs = xrow + x * C;
+      for (int64_t n = 0; n < N; ++n) {
+        const float v = a.shifts[n];
+        uint8_t* o = orow + x * pix_bytes + n * Wc * 8;
+        for (int64_t g = 0; g < full; ++g) o[g] = static_cast<uint8_t>(V::cmp8(xs + 8 * g, v));
+        if (C % 8) {
+          uint32_t byte = 0;
+          for (int64_t c = 8 * full; c < C; ++c) byte |= static_cast<uint32_t>(xs[c] + v >= 0.5f) << (c - 8 * full);
+          o[full] = static_cast<uint8_t>(byte);
+        }
+      }
+    }
+  }
+}
+
 static void pack_nchw_impl(const PackArgs& a) {
-  at::parallel_for(0, a.B * a.H, kPackRowsGrain, [&](int64_t r0, int64_t r1) { pack_nchw_rows(a, r0, r1); });
+  at::parallel_for(0, a.B * a.H, kPackRowsGrain, [&](int64_t r0, int64_t r1) {
+    if (a.channels_last)
+      pack_nhwc_rows(a, r0, r1);
+    else
+      pack_nchw_rows(a, r0, r1);
+  });
 }
 
 // ---- binarize-and-pack, row-major (R, F) input (channels already contiguous: no transpose) ----

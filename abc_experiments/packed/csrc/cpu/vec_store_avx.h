@@ -59,13 +59,14 @@ static inline void store_rows(const ConvArgs& a, int64_t b, int64_t oy, int64_t 
 // Returns false when the generic scalar store must do it.
 static inline bool store8x8_avx(const ConvArgs& a, int64_t b, int64_t oy, int64_t ox0, int64_t co0, int64_t np,
                                 int64_t nco, int64_t P, const float* tile, int64_t tile_stride) {
-  if (a.o_co == 1 && a.e_co == 1 && a.e_x == 0 && a.e_y == 0) {  // linear layer: channels contiguous
+  if (a.o_co == 1 && a.e_co == 1) {  // channels contiguous (a linear layer, a channels-last conv): no transpose
     const int64_t full = nco / 8 * 8;
     for (int64_t p = 0; p < np; ++p) {
       const int64_t at = b * a.o_b + oy * a.o_y + (ox0 + p) * a.o_x + co0;
+      const float* e = a.bterm + oy * a.e_y + (ox0 + p) * a.e_x + co0;
       const float* t = tile + p * tile_stride;
-      for (int64_t j = 0; j < full; j += 8) epilogue<Lanes8>(a, at + j, a.bterm + co0 + j, _mm256_loadu_ps(t + j));
-      for (int64_t j = full; j < nco; ++j) epilogue<Scalar>(a, at + j, a.bterm + co0 + j, t[j]);
+      for (int64_t j = 0; j < full; j += 8) epilogue<Lanes8>(a, at + j, e + j, _mm256_loadu_ps(t + j));
+      for (int64_t j = full; j < nco; ++j) epilogue<Scalar>(a, at + j, e + j, t[j]);
     }
     return true;
   }
