@@ -211,7 +211,8 @@ class PackedConvChain(nn.Module):
             except ValueError:
                 break  # the layer, called on its own, raises with its name and what it expects
             B, C, H, W = shapes[i]
-            _, args = layer._operator_args(H, W, isa, channels_last=True)  # the operator runs the chain so
+            # the operator runs every step channels-last: the border term in that layout
+            _, args = layer._operator_args(H, W, isa, channels_last=True)
             wk, coef, bterm, shifts, out_channels, kernel, stride, padding, dilation = args[:9]
             out_shape = (B, out_channels, *bterm.shape[1:])
             if r >= 0 and shapes[r] != out_shape:  # a broadcast addition: the layer handles it

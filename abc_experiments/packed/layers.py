@@ -512,7 +512,9 @@ class PackedABCConv2d(PackedABCLayer):
                                                          and residual.device == x.device)):
             return self.reference_forward(x, residual)  # adds a non-tensor "residual" (a number) as the graph did
         # a channels_last input runs channels-last (no transposes; the output channels_last, as
-        # F.conv2d's), with the border term in that layout; any other layout is made NCHW first
+        # F.conv2d's), with the border term in that layout; any other layout is made NCHW first.
+        # (An input dense in both orders, 1 channel or a 1x1 map, gets the NCHW border term; the
+        # operator follows its strides whichever output layout torch picks: the same numbers.)
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if not (channels_last or x.is_contiguous()):
             x = x.contiguous()

@@ -91,12 +91,8 @@ static void pack_nhwc_rows(const PackArgs& a, int64_t r0, int64_t r1) {
 }
 
 static void pack_nchw_impl(const PackArgs& a) {
-  at::parallel_for(0, a.B * a.H, kPackRowsGrain, [&](int64_t r0, int64_t r1) {
-    if (a.channels_last)
-      pack_nhwc_rows(a, r0, r1);
-    else
-      pack_nchw_rows(a, r0, r1);
-  });
+  const auto rows = a.channels_last ? pack_nhwc_rows : pack_nchw_rows;  // chosen once, not per task
+  at::parallel_for(0, a.B * a.H, kPackRowsGrain, [&](int64_t r0, int64_t r1) { rows(a, r0, r1); });
 }
 
 // ---- binarize-and-pack, row-major (R, F) input (channels already contiguous: no transpose) ----
